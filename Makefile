@@ -1,0 +1,34 @@
+# Every target does the setup it needs; `make run` and `make test` work on a fresh clone.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+EXAMPLE := examples/bankaccount
+BUILD := $(EXAMPLE)/build
+
+.PHONY: setup run test examples bench clean
+
+$(BIN)/concordance: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+setup: $(BIN)/concordance
+
+examples: setup
+	$(BIN)/concordance build $(EXAMPLE)/aggregate --world aggregate -o $(BUILD)/bankaccount_aggregate.wasm
+	$(BIN)/concordance build $(EXAMPLE)/projector --world stateless-handler -o $(BUILD)/bankaccount_projector.wasm
+	$(BIN)/concordance build $(EXAMPLE)/process_manager --world process-manager -o $(BUILD)/wiretransfer_process_manager.wasm
+	$(BIN)/concordance build $(EXAMPLE)/gateway --world stateless-handler -o $(BUILD)/otherbank_gateway.wasm
+
+run: examples
+	$(BIN)/concordance up $(EXAMPLE)/app.yaml
+
+test: examples
+	$(BIN)/python -m pytest -q
+
+bench: examples
+	$(BIN)/python -m benchmarks.bench
+
+clean:
+	rm -rf $(BUILD) .concordance

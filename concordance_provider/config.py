@@ -1,0 +1,32 @@
+"""How the daemon reaches NATS: an external server with credentials, or its own."""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, SecretStr
+
+
+class NatsOptions(BaseModel):
+    url: str
+    user: str | None = None
+    password: SecretStr | None = None
+    token: SecretStr | None = None
+    creds_file: Path | None = None  # NATS JWT + nkey seed
+    tls_ca: Path | None = None
+    js_domain: str | None = None
+
+    def connect_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"servers": [self.url], "max_reconnect_attempts": -1, "reconnect_time_wait": 1}
+        if self.user:
+            kwargs["user"] = self.user
+            kwargs["password"] = self.password.get_secret_value() if self.password else ""
+        if self.token:
+            kwargs["token"] = self.token.get_secret_value()
+        if self.creds_file:
+            kwargs["user_credentials"] = str(self.creds_file)
+        if self.tls_ca:
+            kwargs["tls"] = ssl.create_default_context(cafile=str(self.tls_ca))
+        return kwargs

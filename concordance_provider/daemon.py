@@ -1,0 +1,107 @@
+"""The daemon: connects to NATS, loads components, and runs one worker per link."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nats
+import structlog
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+
+from .config import NatsOptions
+from .links import Role
+from .manifest import ComponentSpec, Manifest
+from .runtime import Component
+from .runtime.wasmtime_host import Grants, WasmtimeComponent
+from .store.events import EventLog
+from .store.readmodel import ReadModel
+from .store.results import ResultStore
+from .store.state import StateStore
+from .store.streams import ensure_all, ensure_bucket
+from .workers.aggregate import AggregateWorker
+from .workers.base import ConsumerLoop
+from .workers.process_manager import ProcessManagerWorker
+from .workers.router import UnroutedCommands
+from .workers.stateless import StatelessWorker, read_model_bucket
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class Daemon:
+    manifest: Manifest
+    nats_options: NatsOptions
+    cache_dir: Path | None = None
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def _connect(self) -> tuple[NATS, JetStreamContext]:
+        async def on_disconnect() -> None:
+            log.warning("disconnected from NATS; reconnecting")
+
+        async def on_reconnect() -> None:
+            log.info("reconnected to NATS")
+
+        async def on_error(exc: Exception) -> None:
+            log.warning("NATS error", error=str(exc))
+
+        nc = await nats.connect(**self.nats_options.connect_kwargs(), disconnected_cb=on_disconnect,
+                                reconnected_cb=on_reconnect, error_cb=on_error)
+        return nc, nc.jetstream(domain=self.nats_options.js_domain)
+
+    async def _load(self, spec: ComponentSpec) -> Component:
+        component = WasmtimeComponent(
+            spec.name, spec.path, spec.interest.role,
+            call_timeout_ms=spec.interest.call_timeout_ms, max_memory_mb=spec.interest.max_memory_mb,
+            grants=Grants(env=spec.grants.env, dirs=spec.grants.dirs), cache_dir=self.cache_dir,
+        )
+        await component.start()
+        return component
+
+    async def run(self) -> None:
+        components = await asyncio.gather(*(self._load(s) for s in self.manifest.components))
+        nc, js = await self._connect()
+        try:
+            await ensure_all(js)
+            loops = await self._build(nc, js, list(zip(self.manifest.components, components)))
+            router = UnroutedCommands(nc, js, ResultStore(js))
+            for loop in loops:
+                await loop.ensure()
+            await router.start()
+            log.info("concordance ready", application=self.manifest.name, nats=self.nats_options.url,
+                     components=[s.name for s in self.manifest.components])
+            tasks = [asyncio.create_task(loop.run(self.stopping), name=loop.spec.durable) for loop in loops]
+            await self.stopping.wait()
+            log.info("stopping: finishing in-flight messages")
+            await router.stop()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            await asyncio.gather(*(c.close() for c in components))
+            try:
+                await nc.drain()
+            except Exception:
+                pass
+        log.info("concordance stopped")
+
+    async def _build(self, nc: NATS, js: JetStreamContext,
+                     loaded: list[tuple[ComponentSpec, Component]]) -> list[ConsumerLoop]:
+        events, states, results = EventLog(nc), StateStore(nc), ResultStore(js)
+        aggregate_streams = frozenset(s.interest.stream for s, _ in loaded if s.interest.role is Role.AGGREGATE)
+        loops: list[ConsumerLoop] = []
+        for spec, component in loaded:
+            interest = spec.interest
+            if interest.role is Role.AGGREGATE:
+                agg = AggregateWorker(interest, component, events, states, results)
+                loops.append(ConsumerLoop(js, agg.command_consumer(), agg.dispatch_commands))
+                loops.append(ConsumerLoop(js, agg.event_consumer(), agg.dispatch_events))
+            elif interest.role is Role.PROCESS_MANAGER:
+                pm = ProcessManagerWorker(interest, component, states, nc)
+                loops.append(ConsumerLoop(js, pm.consumer(), pm.dispatch))
+            else:
+                bucket = read_model_bucket(interest)
+                await ensure_bucket(js, bucket, atomic=True)
+                handler = StatelessWorker(interest, component, ReadModel(nc, bucket), events, aggregate_streams)
+                loops.append(ConsumerLoop(js, handler.consumer(), handler.dispatch))
+        return loops

@@ -1,0 +1,124 @@
+"""The application manifest: a wadm-style ``Application`` YAML, as wasmCloud users write it.
+
+Each component names its Wasm file (``properties.image: file://...``, relative to the manifest)
+and carries a ``link`` trait whose target is the Concordance provider and whose values hold
+ROLE, INTEREST, NAME, KEY. Both wadm link shapes are read: ``values: {...}`` and
+``source: {config: [{properties: {...}}]}``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .links import Interest, LinkError, parse_interest
+
+PROVIDER_NAMES = {"concordance", "concordance-provider"}
+
+
+class ManifestError(Exception):
+    """A manifest that cannot be run, with what is wrong and where."""
+
+
+class Grants(BaseModel):
+    """What a component may reach beyond its sandbox (a Concordance extension of properties)."""
+
+    model_config = ConfigDict(extra="forbid")
+    env: dict[str, str] = Field(default_factory=dict)
+    dirs: dict[str, str] = Field(default_factory=dict)  # guest path -> host directory, read-only
+
+
+class ComponentSpec(BaseModel):
+    name: str
+    path: Path
+    interest: Interest
+    grants: Grants = Field(default_factory=Grants)
+
+
+class Manifest(BaseModel):
+    name: str
+    components: list[ComponentSpec]
+
+
+def _link_values(link: dict[str, Any]) -> dict[str, str]:
+    props = link.get("properties") or {}
+    values: dict[str, Any] = dict(props.get("values") or {})
+    for config in ((props.get("source") or {}).get("config") or []):
+        values.update((config or {}).get("properties") or {})
+    return {str(k): str(v) for k, v in values.items()}
+
+
+def _target_name(link: dict[str, Any]) -> str:
+    target = (link.get("properties") or {}).get("target")
+    return str(target.get("name", "")) if isinstance(target, dict) else str(target or "")
+
+
+def _image_path(image: str, base: Path, component: str) -> Path:
+    parsed = urlparse(image)
+    if parsed.scheme not in ("", "file"):
+        raise ManifestError(
+            f"component {component!r}: image {image!r} is not a local file; the embedded runtime "
+            f"runs file:// images (relative paths are relative to the manifest)"
+        )
+    raw = unquote(parsed.netloc + parsed.path) if parsed.scheme else image
+    path = Path(raw)
+    return path if path.is_absolute() else (base / path).resolve()
+
+
+def _providers(components: list[dict[str, Any]]) -> set[str]:
+    return PROVIDER_NAMES | {str(c.get("name")) for c in components if c.get("type") == "capability"}
+
+
+def _component_spec(raw: dict[str, Any], providers: set[str], base: Path) -> ComponentSpec | None:
+    name = str(raw.get("name") or "")
+    links = [t for t in raw.get("traits") or [] if t.get("type") == "link" and _target_name(t) in providers]
+    if not links:
+        return None
+    if len(links) > 1:
+        raise ManifestError(f"component {name!r} has {len(links)} links to Concordance; give it one")
+    props = raw.get("properties") or {}
+    image = props.get("image")
+    if not image:
+        raise ManifestError(f"component {name!r} has no properties.image")
+    try:
+        interest = parse_interest(_link_values(links[0]))
+        grants = Grants.model_validate(props.get("grants") or {})
+    except (LinkError, ValidationError) as exc:
+        raise ManifestError(f"component {name!r}: {exc}") from None
+    return ComponentSpec(name=name, path=_image_path(str(image), base, name), interest=interest, grants=grants)
+
+
+def load_manifest(path: Path) -> Manifest:
+    if not path.is_file():
+        raise ManifestError(f"manifest {path} does not exist")
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ManifestError(f"manifest {path} is not valid YAML: {exc}") from None
+    if not isinstance(doc, dict) or doc.get("kind") != "Application":
+        raise ManifestError(f"manifest {path} must be a wadm Application (kind: Application)")
+    raw_components = (doc.get("spec") or {}).get("components")
+    if not isinstance(raw_components, list) or not raw_components:
+        raise ManifestError(f"manifest {path} has no spec.components")
+    providers = _providers(raw_components)
+    specs = [s for s in (_component_spec(c, providers, path.parent) for c in raw_components) if s]
+    if not specs:
+        raise ManifestError(f"manifest {path} links no component to Concordance")
+    missing = [f"{s.name} ({s.path})" for s in specs if not s.path.is_file()]
+    if missing:
+        raise ManifestError(f"component file(s) not found: {', '.join(missing)}; build them first (make examples)")
+    _check_unique(specs)
+    return Manifest(name=str((doc.get("metadata") or {}).get("name", path.stem)), components=specs)
+
+
+def _check_unique(specs: list[ComponentSpec]) -> None:
+    seen: dict[str, str] = {}
+    for spec in specs:
+        consumer = spec.interest.consumer_name
+        if consumer in seen:
+            raise ManifestError(f"components {seen[consumer]!r} and {spec.name!r} both declare {consumer}")
+        seen[consumer] = spec.name

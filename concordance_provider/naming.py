@@ -1,0 +1,82 @@
+"""Names, subjects and keys: the pure rules of the wire contract, testable without a server.
+
+Event subjects carry the aggregate stream and key after the event type,
+``cc.events.{event_type}.{stream}.{key}``, so that one aggregate instance's events can be read and
+guarded with the wildcard ``cc.events.*.{stream}.{key}`` while every event type stays
+subscribable with one subject, ``cc.events.{event_type}.>``.
+"""
+
+from __future__ import annotations
+
+import re
+
+COMMAND_PREFIX = "cc.commands"
+EVENT_PREFIX = "cc.events"
+COMMANDS_STREAM = "CC_COMMANDS"
+EVENTS_STREAM = "CC_EVENTS"
+STATE_BUCKET = "CC_STATE"
+RESULTS_BUCKET = "CC_RESULTS"
+
+# One NATS subject token that is also valid inside a KV key: no dots, wildcards, spaces or
+# control characters, so a client can never address another aggregate's subject or state.
+_TOKEN = re.compile(r"^[A-Za-z0-9_\-=]+$")
+_CAMEL_BOUNDARY = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
+_NON_WORD = re.compile(r"[\s\-]+")
+
+
+class InvalidName(ValueError):
+    """A name or key that cannot be used as a subject token or KV key."""
+
+
+def snake_case(name: str) -> str:
+    """`DepositFunds`, `deposit-funds` and `deposit_funds` all become `deposit_funds`."""
+    spaced = _CAMEL_BOUNDARY.sub("_", name.strip())
+    return _NON_WORD.sub("_", spaced).lower()
+
+
+def check_token(value: str, what: str) -> str:
+    """Return ``value`` if it is one safe subject token, else raise ``InvalidName``."""
+    if not isinstance(value, str) or not _TOKEN.match(value) or len(value) > 128:
+        raise InvalidName(
+            f"{what} {value!r} is not allowed: use 1-128 characters from A-Z a-z 0-9 _ - ="
+        )
+    return value
+
+
+def command_subject(aggregate: str) -> str:
+    return f"{COMMAND_PREFIX}.{aggregate}"
+
+
+def event_subject(event_type: str, stream: str, key: str) -> str:
+    return f"{EVENT_PREFIX}.{event_type}.{stream}.{key}"
+
+
+def event_type_filter(event_type: str) -> str:
+    """Every event of one type, whatever its stream and key."""
+    return f"{EVENT_PREFIX}.{event_type}.>"
+
+
+def stream_filter(stream: str) -> str:
+    """Every event of one aggregate stream."""
+    return f"{EVENT_PREFIX}.*.{stream}.*"
+
+
+def instance_filter(stream: str, key: str) -> str:
+    """Every event of one aggregate instance."""
+    return f"{EVENT_PREFIX}.*.{stream}.{key}"
+
+
+def parse_event_subject(subject: str) -> tuple[str, str, str]:
+    """``cc.events.{type}.{stream}.{key}`` -> (type, stream, key)."""
+    parts = subject.split(".")
+    if len(parts) != 5 or f"{parts[0]}.{parts[1]}" != EVENT_PREFIX:
+        raise InvalidName(f"not an event subject: {subject!r}")
+    return parts[2], parts[3], parts[4]
+
+
+def aggregate_state_key(name: str, key: str) -> str:
+    return f"agg.{name}.{key}"
+
+
+def process_state_key(name: str, key: str) -> str:
+    return f"pm.{name}.{key}"

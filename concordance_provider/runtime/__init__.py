@@ -1,0 +1,21 @@
+"""Component runtimes: where the user's components run, behind one interface."""
+
+from .component import (
+    Component,
+    ComponentFailed,
+    Event,
+    HandlerEffects,
+    OutputCommand,
+    ProcessManagerAck,
+    RejectedByComponent,
+)
+
+__all__ = [
+    "Component",
+    "ComponentFailed",
+    "Event",
+    "HandlerEffects",
+    "OutputCommand",
+    "ProcessManagerAck",
+    "RejectedByComponent",
+]

@@ -1,0 +1,274 @@
+"""In-process runtime: components run in this process under wasmtime, one sandbox each.
+
+Every call has a deadline (epoch interruption) and a memory limit. A trap or timeout fails that
+one call and throws the poisoned store away; the next call gets a fresh instance. Calls run on
+one thread per component (a store is not thread-safe), so the event loop never blocks on wasm.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import structlog
+import wasmtime
+from wasmtime.component import Linker
+
+from ..links import Role
+from .cache import default_cache_dir, load_compiled
+from .component import (
+    ComponentFailed,
+    Event,
+    HandlerEffects,
+    OutputCommand,
+    ProcessManagerAck,
+    RejectedByComponent,
+)
+
+log = structlog.get_logger(__name__)
+
+EPOCH_TICK_SECONDS = 0.01
+PACKAGE = "concordance:eventsourcing"
+VERSION = "0.1.0"
+
+WORLD_EXPORTS: dict[Role, tuple[str, str]] = {
+    Role.AGGREGATE: ("aggregate", "handle-command, apply-event"),
+    Role.PROCESS_MANAGER: ("process-manager", "handle-event"),
+    Role.PROJECTOR: ("stateless-handler", "apply-stateless-event"),
+    Role.NOTIFIER: ("stateless-handler", "apply-stateless-event"),
+}
+
+
+class ComponentLoadError(Exception):
+    """A component file that cannot be used for its role."""
+
+
+@dataclass(frozen=True)
+class Grants:
+    """What a component may reach beyond its own memory. Nothing unless configured."""
+
+    env: dict[str, str] = field(default_factory=dict)
+    dirs: dict[str, str] = field(default_factory=dict)  # guest path -> host path, read-only
+
+
+class SharedEngine:
+    """One wasmtime engine per process, with the ticker that drives call deadlines."""
+
+    _instance: "SharedEngine | None" = None
+    _lock = threading.Lock()
+
+    def __init__(self) -> None:
+        config = wasmtime.Config()
+        config.epoch_interruption = True
+        self.engine = wasmtime.Engine(config)
+        self._stop = threading.Event()
+        threading.Thread(target=self._tick, name="wasm-epoch", daemon=True).start()
+
+    def _tick(self) -> None:
+        while not self._stop.wait(EPOCH_TICK_SECONDS):
+            self.engine.increment_epoch()
+
+    @classmethod
+    def get(cls) -> "SharedEngine":
+        with cls._lock:
+            if cls._instance is None:
+                cls._instance = SharedEngine()
+            return cls._instance
+
+
+def _record(**fields: Any) -> SimpleNamespace:
+    """wasmtime-py reads record fields by their kebab-case WIT names."""
+    return SimpleNamespace(**{k.replace("_", "-"): v for k, v in fields.items()})
+
+
+def _event_record(event: Event) -> SimpleNamespace:
+    return _record(event_type=event.event_type, stream=event.stream, payload=event.payload)
+
+
+def _text(data: bytes) -> str:
+    return bytes(data).decode(errors="replace").rstrip()
+
+
+def _as_event(value: Any) -> Event:
+    return Event(getattr(value, "event-type"), value.stream, value.payload)
+
+
+class WasmtimeComponent:
+    """A component file loaded for one role, called on its own thread."""
+
+    def __init__(
+        self,
+        name: str,
+        path: Path,
+        role: Role,
+        *,
+        call_timeout_ms: int,
+        max_memory_mb: int,
+        grants: Grants | None = None,
+        cache_dir: Path | None = None,
+    ) -> None:
+        self.name = name
+        self.path = path
+        self.role = role
+        self._ticks = max(1, -(-call_timeout_ms // int(EPOCH_TICK_SECONDS * 1000)))
+        self._memory = max_memory_mb * 1024 * 1024
+        self._grants = grants or Grants()
+        self._cache_dir = cache_dir or default_cache_dir()
+        self._shared = SharedEngine.get()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"wasm-{name}")
+        self._store: wasmtime.Store | None = None
+        self._funcs: dict[str, Any] = {}
+        self._effects: HandlerEffects | None = None
+        self._log = log.bind(component=name)
+
+    # -- loading -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._load)
+
+    def _load(self) -> None:
+        if not self.path.is_file():
+            raise ComponentLoadError(f"component {self.name!r}: no such file {self.path}")
+        engine = self._shared.engine
+        try:
+            self._component = load_compiled(engine, self.path, self._cache_dir)
+        except wasmtime.WasmtimeError as exc:
+            raise ComponentLoadError(
+                f"component {self.name!r}: {self.path} is not a WebAssembly component: "
+                f"{str(exc).splitlines()[0]}"
+            ) from None
+        world, wanted = WORLD_EXPORTS[self.role]
+        exports = set(self._component.type.exports(engine))
+        missing = [name for name in wanted.split(", ") if name not in exports]
+        if missing:
+            raise ComponentLoadError(
+                f"component {self.name!r} ({self.path.name}) has role {self.role.value} but does "
+                f"not export {', '.join(missing)} of world {PACKAGE}/{world}@{VERSION}; "
+                f"it exports: {', '.join(sorted(exports)) or 'nothing'}"
+            )
+        self._linker = self._make_linker(engine)
+        self._instantiate()
+
+    def _make_linker(self, engine: wasmtime.Engine) -> Linker:
+        linker = Linker(engine)
+        linker.add_wasip2()
+        with linker.root() as root:
+            with root.add_instance(f"{PACKAGE}/types@{VERSION}"):
+                pass
+            with root.add_instance(f"{PACKAGE}/read-model@{VERSION}") as read_model:
+                read_model.add_func("get", lambda _store, key: self._current_effects().get(key))
+                read_model.add_func("put", lambda _store, key, value: self._put(key, value))
+                read_model.add_func("delete", lambda _store, key: self._put(key, None))
+            with root.add_instance(f"{PACKAGE}/event-publisher@{VERSION}") as publisher:
+                publisher.add_func("publish", self._publish)
+        return linker
+
+    def _wasi(self) -> wasmtime.WasiConfig:
+        wasi = wasmtime.WasiConfig()
+        wasi.env = list(self._grants.env.items())
+        for guest, host in self._grants.dirs.items():
+            wasi.preopen_dir(host, guest, fs_mutable=False)
+        wasi.stdout_custom = lambda data: self._log.info("component stdout", text=_text(data))
+        wasi.stderr_custom = lambda data: self._log.warning("component stderr", text=_text(data))
+        return wasi
+
+    def _instantiate(self) -> None:
+        store = wasmtime.Store(self._shared.engine)
+        store.set_wasi(self._wasi())
+        store.set_limits(memory_size=self._memory)
+        store.set_epoch_deadline(self._ticks * 100)  # instantiation of a Python component is slow
+        instance = self._linker.instantiate(store, self._component)
+        self._funcs = {}
+        for name in WORLD_EXPORTS[self.role][1].split(", "):
+            func = instance.get_func(store, name)
+            if func is None:
+                raise ComponentLoadError(f"component {self.name!r}: export {name} is not a function")
+            self._funcs[name] = func
+        self._store = store
+
+    # -- host functions ------------------------------------------------------------------------
+
+    def _current_effects(self) -> HandlerEffects:
+        if self._effects is None:
+            raise RuntimeError("read-model and event-publisher are only available to stateless handlers")
+        return self._effects
+
+    def _put(self, key: str, value: str | None) -> None:
+        self._current_effects().puts[key] = value
+
+    def _publish(self, _store: Any, key: str, event: Any) -> str | None:
+        effects = self._current_effects()
+        published = _as_event(event)
+        refusal = effects.check_publish(key, published)
+        if refusal is None:
+            effects.published.append((key, published))
+        return refusal
+
+    # -- calls ---------------------------------------------------------------------------------
+
+    def _call(self, export: str, *args: Any) -> Any:
+        if self._store is None:
+            self._instantiate()
+        store = self._store
+        assert store is not None
+        func = self._funcs[export]
+        store.set_epoch_deadline(self._ticks)
+        try:
+            result = func(store, *args)
+            func.post_return(store)
+        except wasmtime.WasmtimeError as exc:
+            self._store = None  # poisoned: the next call starts from a fresh instance
+            reason = str(exc).splitlines()[0]
+            if "interrupt" in reason:
+                reason = f"call exceeded its deadline of {self._ticks * EPOCH_TICK_SECONDS:.2f}s"
+            raise ComponentFailed(f"component {self.name!r} failed in {export}: {reason}") from None
+        if isinstance(result, str):
+            raise RejectedByComponent(result)
+        return result
+
+    async def _run(self, export: str, *args: Any, effects: HandlerEffects | None = None) -> Any:
+        def call() -> Any:
+            self._effects = effects
+            try:
+                return self._call(export, *args)
+            finally:
+                self._effects = None
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+
+    async def handle_command(
+        self, aggregate: str, command_type: str, key: str, state: str | None, payload: str
+    ) -> list[Event]:
+        command = _record(aggregate=aggregate, command_type=command_type, key=key, state=state, payload=payload)
+        events = await self._run("handle-command", command)
+        try:
+            return [_as_event(e) for e in events]
+        except (AttributeError, TypeError):
+            raise ComponentFailed(f"component {self.name!r} returned malformed events") from None
+
+    async def apply_event(self, event: Event, state: str | None) -> str | None:
+        ack = await self._run("apply-event", _record(event=_event_record(event), state=state))
+        return ack.state
+
+    async def handle_event(self, event: Event, state: str | None) -> ProcessManagerAck:
+        ack = await self._run("handle-event", _record(event=_event_record(event), state=state))
+        commands = [
+            OutputCommand(
+                getattr(c, "command-type"), getattr(c, "aggregate-stream"),
+                getattr(c, "aggregate-key"), getattr(c, "json-payload"),
+            )
+            for c in ack.commands
+        ]
+        return ProcessManagerAck(ack.state, commands)
+
+    async def apply_stateless_event(self, event: Event, effects: HandlerEffects) -> None:
+        await self._run("apply-stateless-event", _event_record(event), effects=effects)
+
+    async def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        self._store = None

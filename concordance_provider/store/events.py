@@ -1,0 +1,67 @@
+"""The event log, CC_EVENTS: guarded atomic appends and per-instance reads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nats.aio.client import Client as NATS
+
+from ..naming import EVENTS_STREAM, event_subject, instance_filter, parse_event_subject
+from ..wire import CloudEvent, parse_event
+from .jetstream import StoredMessage, direct_get, publish, publish_atomic, read_all
+
+CAUSATION = "Concordance-Causation"  # what produced the event, e.g. "command:42"
+
+
+@dataclass(frozen=True)
+class LoggedEvent:
+    seq: int
+    event_type: str
+    stream: str
+    key: str
+    cloud_event: CloudEvent
+    causation: str | None
+
+    @classmethod
+    def from_message(cls, msg: StoredMessage) -> "LoggedEvent":
+        event_type, stream, key = parse_event_subject(msg.subject)
+        return cls(msg.seq, event_type, stream, key, parse_event(msg.data), msg.headers.get(CAUSATION))
+
+
+class EventLog:
+    def __init__(self, nc: NATS) -> None:
+        self._nc = nc
+
+    async def last_seq(self, stream: str, key: str) -> int:
+        """Sequence of the instance's latest event, 0 if it has none."""
+        msg = await direct_get(self._nc, EVENTS_STREAM, last_by_subj=instance_filter(stream, key))
+        return msg.seq if msg else 0
+
+    async def read(self, stream: str, key: str, after_seq: int = 0,
+                   since: str | None = None) -> list[LoggedEvent]:
+        """The instance's events after ``after_seq`` (or stored at or after time ``since``)."""
+        messages = await read_all(self._nc, EVENTS_STREAM, instance_filter(stream, key),
+                                  after_seq=after_seq, start_time=since)
+        return [LoggedEvent.from_message(m) for m in messages]
+
+    async def append(self, stream: str, key: str, events: list[CloudEvent], *,
+                     expected_last_seq: int, causation: str) -> list[int]:
+        """Append all ``events`` or none, only if the instance's last event is ``expected_last_seq``.
+
+        Raises ``WrongLastSequence`` when another writer appended first.
+        """
+        messages = [
+            (event_subject(e.type, stream, key), e.to_json(),
+             {CAUSATION: causation, "Nats-Msg-Id": f"{causation}:{i}"})
+            for i, e in enumerate(events)
+        ]
+        guard = {
+            "Nats-Expected-Last-Subject-Sequence": str(expected_last_seq),
+            "Nats-Expected-Last-Subject-Sequence-Subject": instance_filter(stream, key),
+        }
+        return await publish_atomic(self._nc, messages, guard)
+
+    async def publish_one(self, event: CloudEvent, key: str, msg_id: str, causation: str) -> int:
+        """An event reported by a gateway: not guarded, deduplicated by ``msg_id``."""
+        return await publish(self._nc, event_subject(event.type, event.stream, key), event.to_json(),
+                             {CAUSATION: causation, "Nats-Msg-Id": msg_id})

@@ -1,0 +1,106 @@
+"""The streams and buckets of the wire contract: created if missing, checked if present."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import structlog
+from nats.js import JetStreamContext
+from nats.js.api import (
+    KeyValueConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import BadRequestError, NotFoundError
+
+from ..naming import (
+    COMMAND_PREFIX,
+    COMMANDS_STREAM,
+    EVENT_PREFIX,
+    EVENTS_STREAM,
+    RESULTS_BUCKET,
+    STATE_BUCKET,
+)
+
+log = structlog.get_logger(__name__)
+
+DAY = 24 * 3600.0
+
+
+class IncompatibleStream(Exception):
+    """A stream or bucket exists with a configuration this engine cannot work with."""
+
+
+def commands_config() -> StreamConfig:
+    # A day of deduplication: a process manager re-sending its commands after a crash is
+    # recognised by their message ids.
+    return StreamConfig(
+        name=COMMANDS_STREAM, subjects=[f"{COMMAND_PREFIX}.*"], retention=RetentionPolicy.WORK_QUEUE,
+        storage=StorageType.FILE, duplicate_window=DAY, allow_direct=True,
+    )
+
+
+def events_config() -> StreamConfig:
+    return StreamConfig(
+        name=EVENTS_STREAM, subjects=[f"{EVENT_PREFIX}.>"], retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE, allow_atomic=True, allow_direct=True,
+    )
+
+
+def _check(existing: StreamConfig, wanted: StreamConfig) -> list[str]:
+    problems = []
+    if existing.retention != wanted.retention:
+        problems.append(f"retention is {existing.retention}, needs {wanted.retention}")
+    if sorted(existing.subjects or []) != sorted(wanted.subjects or []):
+        problems.append(f"subjects are {existing.subjects}, needs {wanted.subjects}")
+    return problems
+
+
+async def ensure_stream(js: JetStreamContext, wanted: StreamConfig) -> None:
+    try:
+        info = await js.stream_info(wanted.name)
+    except NotFoundError:
+        await js.add_stream(wanted)
+        log.info("stream created", stream=wanted.name)
+        return
+    problems = _check(info.config, wanted)
+    if problems:
+        raise IncompatibleStream(
+            f"stream {wanted.name} exists with an incompatible configuration: {'; '.join(problems)}. "
+            f"Remove or migrate it (nats stream rm {wanted.name}) before starting"
+        )
+    features = {"allow_atomic": wanted.allow_atomic, "allow_direct": wanted.allow_direct}
+    missing = {k: v for k, v in features.items() if v and not getattr(info.config, k)}
+    if missing:
+        await js.update_stream(replace(info.config, **missing))
+        log.info("stream updated", stream=wanted.name, enabled=sorted(missing))
+
+
+async def ensure_bucket(js: JetStreamContext, bucket: str, *, ttl: float | None = None,
+                        atomic: bool = False) -> None:
+    """A KV bucket with history 1; ``atomic`` lets several keys be written all-or-nothing."""
+    try:
+        info = await js.stream_info(f"KV_{bucket}")
+    except NotFoundError:
+        try:
+            await js.create_key_value(KeyValueConfig(
+                bucket=bucket, history=1, ttl=ttl, storage=StorageType.FILE, direct=True,
+            ))
+        except BadRequestError as exc:
+            raise IncompatibleStream(f"cannot create KV bucket {bucket}: {exc.description}") from None
+        info = await js.stream_info(f"KV_{bucket}")
+        log.info("bucket created", bucket=bucket)
+    if (info.config.max_msgs_per_subject or 0) > 1:
+        log.info("bucket keeps history; only the latest value is used", bucket=bucket)
+    wanted = {"allow_direct": True, **({"allow_atomic": True} if atomic else {})}
+    missing = {k: v for k, v in wanted.items() if not getattr(info.config, k)}
+    if missing:
+        await js.update_stream(replace(info.config, **missing))
+
+
+async def ensure_all(js: JetStreamContext) -> None:
+    await ensure_stream(js, commands_config())
+    await ensure_stream(js, events_config())
+    await ensure_bucket(js, STATE_BUCKET)
+    await ensure_bucket(js, RESULTS_BUCKET, ttl=DAY)

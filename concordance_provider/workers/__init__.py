@@ -1,0 +1,1 @@
+"""One worker per role over a shared consume-dispatch-settle skeleton."""

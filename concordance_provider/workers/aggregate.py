@@ -1,0 +1,221 @@
+"""Aggregates: commands become events against current state; events fold into state.
+
+Correct where the original was not:
+- state is caught up from the event log before a command is decided, so a command never sees
+  stale state;
+- a command's events are appended in one atomic batch guarded by the instance's last event
+  sequence, so two daemons racing on one key cannot both append (the loser re-reads, retries);
+- a redelivered command first looks in the log for events it already caused, so redelivery
+  never appends twice; state records the last event folded in, so none is folded twice.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+
+import structlog
+from nats.aio.msg import Msg
+
+from ..links import Interest
+from ..naming import (
+    COMMANDS_STREAM,
+    EVENTS_STREAM,
+    InvalidName,
+    aggregate_state_key,
+    check_token,
+    command_subject,
+    parse_event_subject,
+    snake_case,
+    stream_filter,
+)
+from ..runtime import Component, ComponentFailed, Event, RejectedByComponent
+from ..store.events import EventLog, LoggedEvent
+from ..store.jetstream import WrongLastSequence
+from ..store.results import ResultStore
+from ..store.state import StateStore
+from ..wire import BadMessage, CloudEvent, CommandResult, RawCommand, new_event, parse_command
+from .base import ConsumerSpec, KeyedLocks, Settle, dispatch_by_key, settle
+
+log = structlog.get_logger(__name__)
+
+MAX_CONFLICT_RETRIES = 25
+MAX_FAILED_ATTEMPTS = 3  # a command whose component keeps failing is rejected after this many
+
+
+@dataclass(frozen=True)
+class CurrentState:
+    value: str | None
+    event_seq: int
+    revision: int
+    behind: bool  # the stored state missed events that were folded in just now
+
+
+def to_component_event(event: LoggedEvent) -> Event:
+    return Event(event.event_type, event.stream, json.dumps(event.cloud_event.data))
+
+
+class AggregateWorker:
+    """Handles commands (``AGG_CMD_{name}``) and keeps state current (``AGG_EVT_{name}``)."""
+
+    def __init__(self, interest: Interest, component: Component, log_: EventLog,
+                 states: StateStore, results: ResultStore) -> None:
+        assert interest.stream is not None
+        self.interest = interest
+        self.stream = interest.stream
+        self._component = component
+        self._log_store = log_
+        self._states = states
+        self._results = results
+        self._locks = KeyedLocks()
+        self._logger = log.bind(component=component.name, aggregate=interest.name)
+
+    # -- consumers -----------------------------------------------------------------------------
+
+    def command_consumer(self) -> ConsumerSpec:
+        return ConsumerSpec(COMMANDS_STREAM, f"AGG_CMD_{self.interest.name}",
+                            (command_subject(self.interest.name),), self.interest.max_messages_per_batch)
+
+    def event_consumer(self) -> ConsumerSpec:
+        return ConsumerSpec(EVENTS_STREAM, self.interest.consumer_name,
+                            (stream_filter(self.stream),), self.interest.max_messages_per_batch)
+
+    async def dispatch_commands(self, batch: list[Msg]) -> None:
+        await dispatch_by_key(batch, _command_key, lambda m: settle(m, self.on_command, self._logger))
+
+    async def dispatch_events(self, batch: list[Msg]) -> None:
+        await dispatch_by_key(batch, lambda m: m.subject.rsplit(".", 1)[-1],
+                              lambda m: settle(m, self.on_event, self._logger))
+
+    # -- state ---------------------------------------------------------------------------------
+
+    async def current_state(self, key: str) -> CurrentState:
+        """Stored state, with any events it has not seen yet folded in."""
+        stored = await self._states.load(aggregate_state_key(self.interest.name, key))
+        pending = await self._log_store.read(self.stream, key, after_seq=stored.event_seq)
+        value = stored.value
+        for event in pending:
+            value = await self._component.apply_event(to_component_event(event), value)
+        last = pending[-1].seq if pending else stored.event_seq
+        return CurrentState(value, last, stored.revision, bool(pending))
+
+    async def _store(self, key: str, value: str | None, event_seq: int, revision: int) -> None:
+        try:
+            await self._states.save(aggregate_state_key(self.interest.name, key), value, event_seq, revision)
+        except WrongLastSequence:
+            pass  # another writer stored state as new or newer; readers catch up from the log
+
+    # -- commands ------------------------------------------------------------------------------
+
+    async def on_command(self, msg: Msg) -> Settle:
+        meta = msg.metadata
+        seq = meta.sequence.stream
+        logger = self._logger.bind(command_seq=seq)
+        try:
+            command = parse_command(msg.data)
+        except BadMessage as exc:
+            logger.warning("command rejected", error=str(exc))
+            await self._results.record(seq, CommandResult(status="rejected", aggregate=self.interest.name, error=str(exc)))
+            return Settle.TERMINATE
+        logger = logger.bind(key=command.key, command_type=command.command_type)
+        async with self._locks.hold(command.key):
+            try:
+                result = await self._execute(command, seq, meta.num_delivered > 1, meta.timestamp)
+            except ComponentFailed as exc:
+                if meta.num_delivered < MAX_FAILED_ATTEMPTS:
+                    logger.warning("component failed; command will be retried", error=str(exc),
+                                   delivery=meta.num_delivered)
+                    return Settle.RETRY
+                logger.error("component failed; command rejected", error=str(exc))
+                result = self._rejected(command, f"{exc} (after {meta.num_delivered} attempts)")
+        if result.status == "rejected":
+            logger.info("command rejected", error=result.error)
+        else:
+            logger.debug("command accepted", events=result.events)
+        await self._results.record(seq, result)
+        return Settle.ACK
+
+    def _rejected(self, command: RawCommand, error: str) -> CommandResult:
+        return CommandResult(status="rejected", aggregate=self.interest.name,
+                             command_type=command.command_type, key=command.key, error=error)
+
+    async def _execute(self, command: RawCommand, seq: int, redelivered: bool,
+                       sent_at: datetime) -> CommandResult:
+        causation = f"command:{seq}"
+        for _attempt in range(MAX_CONFLICT_RETRIES):
+            current = await self.current_state(command.key)
+            if redelivered:
+                done = await self._already_appended(command.key, causation, sent_at)
+                if done is not None:
+                    await self._store(command.key, current.value, current.event_seq, current.revision)
+                    return self._accepted(command, done)
+            try:
+                events = await self._component.handle_command(
+                    self.interest.name, command.command_type, command.key, current.value,
+                    json.dumps(command.data),
+                )
+            except RejectedByComponent as exc:
+                if current.behind:
+                    await self._store(command.key, current.value, current.event_seq, current.revision)
+                return self._rejected(command, str(exc))
+            if not events:
+                return self._accepted(command, [])
+            cloud_events = [self._to_cloud_event(command.key, e) for e in events]
+            value = current.value
+            for event in events:
+                value = await self._component.apply_event(event, value)
+            try:
+                seqs = await self._log_store.append(
+                    self.stream, command.key, cloud_events,
+                    expected_last_seq=current.event_seq, causation=causation,
+                )
+            except WrongLastSequence:
+                continue  # someone appended first: decide again on the newer state
+            await self._store(command.key, value, seqs[-1], current.revision)
+            return self._accepted(command, [e.type for e in cloud_events])
+        raise ComponentFailed(f"gave up after {MAX_CONFLICT_RETRIES} concurrent-append conflicts")
+
+    def _accepted(self, command: RawCommand, event_types: list[str]) -> CommandResult:
+        return CommandResult(status="accepted", aggregate=self.interest.name,
+                             command_type=command.command_type, key=command.key, events=event_types)
+
+    def _to_cloud_event(self, key: str, event: Event) -> CloudEvent:
+        if event.stream and event.stream != self.stream:
+            raise ComponentFailed(
+                f"aggregate {self.interest.name!r} may only append to its stream {self.stream!r}, "
+                f"not {event.stream!r}"
+            )
+        try:
+            event_type = check_token(snake_case(event.event_type), "event type")
+            return new_event(event_type, self.stream, key, event.payload)
+        except (InvalidName, BadMessage) as exc:
+            raise ComponentFailed(f"component returned a malformed event: {exc}") from None
+
+    async def _already_appended(self, key: str, causation: str, sent_at: datetime) -> list[str] | None:
+        """Event types this command already appended before a crash, or None if it did not."""
+        since = sent_at.isoformat().replace("+00:00", "Z")
+        found = [e.event_type for e in await self._log_store.read(self.stream, key, since=since)
+                 if e.causation == causation]
+        return found or None
+
+    # -- events --------------------------------------------------------------------------------
+
+    async def on_event(self, msg: Msg) -> Settle:
+        """Bring stored state up to this event, if a crash left it behind."""
+        _, _, key = parse_event_subject(msg.subject)
+        stored = await self._states.load(aggregate_state_key(self.interest.name, key))
+        if stored.event_seq >= msg.metadata.sequence.stream:
+            return Settle.ACK
+        async with self._locks.hold(key):
+            current = await self.current_state(key)
+            if current.behind:
+                await self._store(key, current.value, current.event_seq, current.revision)
+        return Settle.ACK
+
+
+def _command_key(msg: Msg) -> str:
+    try:
+        return str(json.loads(msg.data).get("key", ""))
+    except (ValueError, AttributeError):
+        return ""

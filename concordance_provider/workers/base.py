@@ -1,0 +1,158 @@
+"""The skeleton every worker shares: a durable pull consumer, dispatch, and settling.
+
+A handler returns an ``Outcome``; the skeleton acks, naks with backoff, or terminates. While a
+handler runs, the message is kept alive with in-progress acks so long component calls are not
+redelivered behind its back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from enum import Enum
+from typing import AsyncIterator, Awaitable, Callable, Hashable
+
+import structlog
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+log = structlog.get_logger(__name__)
+
+ACK_WAIT_SECONDS = 30.0
+BACKOFF_SECONDS = (1, 2, 5, 10, 30, 60)
+
+
+class Settle(Enum):
+    ACK = "ack"
+    RETRY = "retry"  # nak with backoff: redelivered later
+    TERMINATE = "terminate"  # never redeliver
+
+
+@dataclass(frozen=True)
+class ConsumerSpec:
+    stream: str
+    durable: str
+    filter_subjects: tuple[str, ...]
+    batch: int
+    max_ack_pending: int = 1000
+
+    def config(self) -> ConsumerConfig:
+        filters = list(self.filter_subjects)
+        return ConsumerConfig(
+            durable_name=self.durable,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=ACK_WAIT_SECONDS,
+            max_deliver=-1,
+            max_ack_pending=self.max_ack_pending,
+            filter_subject=filters[0] if len(filters) == 1 else None,
+            filter_subjects=filters if len(filters) > 1 else None,
+        )
+
+
+class KeyedLocks:
+    """One lock per key, forgotten when nobody holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[Hashable, asyncio.Lock] = {}
+        self._users: dict[Hashable, int] = defaultdict(int)
+
+    @asynccontextmanager
+    async def hold(self, key: Hashable) -> AsyncIterator[None]:
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        self._users[key] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            self._users[key] -= 1
+            if not self._users[key]:
+                del self._users[key], self._locks[key]
+
+
+def backoff(num_delivered: int) -> float:
+    return float(BACKOFF_SECONDS[min(num_delivered, len(BACKOFF_SECONDS)) - 1])
+
+
+async def _keep_alive(msg: Msg) -> None:
+    while True:
+        await asyncio.sleep(ACK_WAIT_SECONDS / 3)
+        await msg.in_progress()
+
+
+async def settle(msg: Msg, handler: Callable[[Msg], Awaitable[Settle]], logger: structlog.BoundLogger) -> None:
+    """Run ``handler`` on ``msg`` and settle the message by its verdict; never raises."""
+    keeper = asyncio.create_task(_keep_alive(msg))
+    try:
+        verdict = await handler(msg)
+    except asyncio.CancelledError:
+        verdict = Settle.RETRY
+        raise
+    except Exception as exc:  # a bug or an outage: keep the message, say why
+        logger.exception("message handling failed; will retry", subject=msg.subject, error=str(exc))
+        verdict = Settle.RETRY
+    finally:
+        keeper.cancel()
+        try:
+            if verdict is Settle.ACK:
+                await msg.ack()
+            elif verdict is Settle.TERMINATE:
+                await msg.term()
+            else:
+                await msg.nak(delay=backoff(msg.metadata.num_delivered))
+        except Exception as exc:  # connection gone: the server redelivers after ack wait
+            logger.warning("could not settle message", subject=msg.subject, error=str(exc))
+
+
+class ConsumerLoop:
+    """Fetch from one durable consumer and hand each fetched batch to ``dispatch``."""
+
+    def __init__(self, js: JetStreamContext, spec: ConsumerSpec,
+                 dispatch: Callable[[list[Msg]], Awaitable[None]]) -> None:
+        self._js = js
+        self.spec = spec
+        self._dispatch = dispatch
+        self._log = log.bind(consumer=spec.durable)
+
+    async def ensure(self) -> None:
+        await self._js.add_consumer(self.spec.stream, self.spec.config())
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        await self.ensure()
+        sub = await self._js.pull_subscribe_bind(durable=self.spec.durable, stream=self.spec.stream)
+        self._log.info("consuming", filters=list(self.spec.filter_subjects))
+        try:
+            while not stopping.is_set():
+                try:
+                    batch = await sub.fetch(self.spec.batch, timeout=1.0)
+                except (NatsTimeout, asyncio.TimeoutError):
+                    continue
+                except Exception as exc:  # NATS away: wait and try again
+                    self._log.warning("fetch failed", error=str(exc))
+                    await asyncio.sleep(1.0)
+                    continue
+                await self._dispatch(batch)
+        finally:
+            try:
+                await sub.unsubscribe()
+            except Exception:
+                pass
+
+
+async def dispatch_by_key(
+    batch: list[Msg], key_of: Callable[[Msg], Hashable], handle: Callable[[Msg], Awaitable[None]],
+) -> None:
+    """Handle messages of different keys concurrently and of one key in order."""
+    groups: dict[Hashable, list[Msg]] = defaultdict(list)
+    for msg in batch:
+        groups[key_of(msg)].append(msg)
+
+    async def in_order(msgs: list[Msg]) -> None:
+        for msg in msgs:
+            await handle(msg)
+
+    await asyncio.gather(*(in_order(msgs) for msgs in groups.values()))

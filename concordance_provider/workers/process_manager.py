@@ -1,0 +1,91 @@
+"""Process managers: events of a process become commands for aggregates.
+
+Commands are published before state is saved, each with a message id derived from the event
+that caused it, so a crash in between re-sends them and JetStream drops the duplicates. The
+saved state records the event it reflects, so a redelivered event is recognised and skipped.
+Events are handled one at a time in log order, across all daemons.
+"""
+
+from __future__ import annotations
+
+import json
+
+import structlog
+from nats.aio.msg import Msg
+
+from ..links import Interest
+from ..naming import EVENTS_STREAM, InvalidName, check_token, command_subject, event_type_filter, process_state_key, snake_case
+from ..runtime import Component, OutputCommand, RejectedByComponent
+from ..store.events import LoggedEvent
+from ..store.jetstream import StoredMessage, publish
+from ..store.state import StateStore
+from .aggregate import to_component_event
+from .base import ConsumerSpec, Settle, settle
+
+log = structlog.get_logger(__name__)
+
+
+class ProcessManagerWorker:
+    def __init__(self, interest: Interest, component: Component, states: StateStore, nc) -> None:
+        assert interest.lifetime is not None and interest.key_field is not None
+        self.interest = interest
+        self._lifetime = interest.lifetime
+        self._component = component
+        self._states = states
+        self._nc = nc
+        self._logger = log.bind(component=component.name, process_manager=interest.name)
+
+    def consumer(self) -> ConsumerSpec:
+        filters = tuple(event_type_filter(t) for t in self._lifetime.event_types())
+        return ConsumerSpec(EVENTS_STREAM, self.interest.consumer_name, filters,
+                            self.interest.max_messages_per_batch, max_ack_pending=1)
+
+    async def dispatch(self, batch: list[Msg]) -> None:
+        for msg in batch:
+            await settle(msg, self.on_event, self._logger)
+
+    async def on_event(self, msg: Msg) -> Settle:
+        event = LoggedEvent.from_message(_stored(msg))
+        logger = self._logger.bind(event_seq=event.seq, event_type=event.event_type)
+        data = event.cloud_event.data
+        process_key = data.get(self.interest.key_field) if isinstance(data, dict) else None
+        try:
+            check_token(str(process_key) if process_key is not None else "", "process key")
+        except InvalidName as exc:
+            logger.error("event has no usable process key; skipped",
+                         key_field=self.interest.key_field, error=str(exc))
+            return Settle.TERMINATE
+        state_key = process_state_key(self.interest.name, str(process_key))
+        logger = logger.bind(key=process_key)
+        stored = await self._states.load(state_key)
+        if stored.event_seq >= event.seq:
+            return Settle.ACK  # already handled before a redelivery
+        starting = event.event_type == self._lifetime.start
+        if not starting and stored.value is None:
+            logger.info("event for a process that is not running; skipped")
+            return Settle.ACK
+        try:
+            ack = await self._component.handle_event(to_component_event(event), None if starting else stored.value)
+        except RejectedByComponent as exc:
+            logger.warning("process manager refused the event; will retry", error=str(exc))
+            return Settle.RETRY
+        for index, command in enumerate(ack.commands):
+            await self._send(command, f"pm:{self.interest.name}:{event.seq}:{index}", logger)
+        await self._states.save(state_key, ack.state, event.seq, stored.revision)
+        logger.info("process advanced", commands=len(ack.commands), ended=ack.state is None)
+        return Settle.ACK
+
+    async def _send(self, command: OutputCommand, msg_id: str, logger) -> None:
+        aggregate = check_token(command.aggregate_stream, "aggregate_stream")
+        body = {
+            "command_type": snake_case(command.command_type),
+            "key": check_token(command.aggregate_key, "aggregate_key"),
+            "data": json.loads(command.json_payload),
+        }
+        seq = await publish(self._nc, command_subject(aggregate), json.dumps(body).encode(),
+                            {"Nats-Msg-Id": msg_id})
+        logger.debug("command sent", aggregate=aggregate, command_seq=seq)
+
+
+def _stored(msg: Msg) -> StoredMessage:
+    return StoredMessage(msg.metadata.sequence.stream, msg.subject, dict(msg.headers or {}), msg.data, "")
