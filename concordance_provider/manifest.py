@@ -8,6 +8,7 @@ ROLE, INTEREST, NAME, KEY. Both wadm link shapes are read: ``values: {...}`` and
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -49,7 +50,12 @@ def _link_values(link: dict[str, Any]) -> dict[str, str]:
     values: dict[str, Any] = dict(props.get("values") or {})
     for config in ((props.get("source") or {}).get("config") or []):
         values.update((config or {}).get("properties") or {})
-    return {str(k): str(v) for k, v in values.items()}
+    return {str(k): _link_value(v) for k, v in values.items() if v is not None}
+
+
+def _link_value(value: Any) -> str:
+    """YAML may give a process-manager INTEREST as a mapping: it means its JSON."""
+    return json.dumps(value) if isinstance(value, (dict, list)) else str(value)
 
 
 def _target_name(link: dict[str, Any]) -> str:
@@ -59,7 +65,9 @@ def _target_name(link: dict[str, Any]) -> str:
 
 def _image_path(image: str, base: Path, component: str) -> Path:
     parsed = urlparse(image)
-    if parsed.scheme not in ("", "file"):
+    looks_like_registry = not parsed.scheme and not image.startswith((".", "/")) and (
+        ":" in image or "." in image.split("/", 1)[0]) and not image.endswith(".wasm")
+    if parsed.scheme not in ("", "file") or looks_like_registry:
         raise ManifestError(
             f"component {component!r}: image {image!r} is not a local file; the embedded runtime "
             f"runs file:// images (relative paths are relative to the manifest)"

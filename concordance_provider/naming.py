@@ -36,7 +36,7 @@ def snake_case(name: str) -> str:
 
 def check_token(value: str, what: str) -> str:
     """Return ``value`` if it is one safe subject token, else raise ``InvalidName``."""
-    if not isinstance(value, str) or not _TOKEN.match(value) or len(value) > 128:
+    if not isinstance(value, str) or not _TOKEN.fullmatch(value) or len(value) > 128:
         raise InvalidName(
             f"{what} {value!r} is not allowed: use 1-128 characters from A-Z a-z 0-9 _ - ="
         )
@@ -69,7 +69,7 @@ def instance_filter(stream: str, key: str) -> str:
 def parse_event_subject(subject: str) -> tuple[str, str, str]:
     """``cc.events.{type}.{stream}.{key}`` -> (type, stream, key)."""
     parts = subject.split(".")
-    if len(parts) != 5 or f"{parts[0]}.{parts[1]}" != EVENT_PREFIX:
+    if len(parts) != 5 or f"{parts[0]}.{parts[1]}" != EVENT_PREFIX or not all(parts):
         raise InvalidName(f"not an event subject: {subject!r}")
     return parts[2], parts[3], parts[4]
 

@@ -128,7 +128,7 @@ class ConsumerLoop:
         try:
             while not stopping.is_set():
                 try:
-                    batch = await sub.fetch(self.spec.batch, timeout=1.0)
+                    batch = await sub.fetch(min(self.spec.batch, self.spec.max_ack_pending), timeout=1.0)
                 except (NatsTimeout, asyncio.TimeoutError):
                     continue
                 except Exception as exc:  # NATS away: wait and try again

@@ -1,0 +1,154 @@
+"""Real processes for integration tests: nats-server and the daemon, each stopped by its PID."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+from typing import Any, AsyncIterator, Iterator
+
+import nats
+from nats.aio.client import Client as NATS
+
+from concordance_provider.nats_server import EmbeddedNatsServer, free_port
+
+READY_TIMEOUT = 120.0
+
+
+@contextmanager
+def nats_server(tmp_path: Path) -> Iterator[EmbeddedNatsServer]:
+    server = EmbeddedNatsServer(tmp_path / "nats", free_port(), name=f"test-{os.getpid()}")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+class DaemonProcess:
+    """``concordance up`` as a user runs it, logging JSON to a file."""
+
+    def __init__(self, manifest: Path, log_path: Path, *args: str) -> None:
+        self.log_path = log_path
+        self._log = log_path.open("wb")
+        command = [sys.executable, "-m", "concordance_provider.cli", "up", str(manifest),
+                   "--log-format", "json", *args]
+        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL)
+
+    def logs(self) -> list[dict[str, Any]]:
+        lines = []
+        for line in self.log_path.read_text().splitlines():
+            try:
+                lines.append(json.loads(line))
+            except ValueError:
+                pass
+        return lines
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"daemon exited with {self.process.returncode}:\n{self.log_path.read_text()}")
+            if any(entry.get("event") == "concordance ready" for entry in self.logs()):
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"daemon not ready in {timeout}s:\n{self.log_path.read_text()}")
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        return self.process.returncode
+
+
+@contextmanager
+def daemon(manifest: Path, log_path: Path, *args: str) -> Iterator[DaemonProcess]:
+    process = DaemonProcess(manifest, log_path, *args)
+    try:
+        process.wait_ready()
+        yield process
+    finally:
+        process.stop()
+
+
+@asynccontextmanager
+async def client(url: str) -> AsyncIterator[NATS]:
+    nc = await nats.connect(url)
+    try:
+        yield nc
+    finally:
+        await nc.close()
+
+
+async def send(nc: NATS, aggregate: str, body: Any) -> int:
+    """Send a command exactly as any NATS client would; return its CC_COMMANDS sequence."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    reply = await nc.request(f"cc.commands.{aggregate}", data, timeout=5)
+    ack = json.loads(reply.data)
+    assert ack.get("stream") == "CC_COMMANDS", ack
+    return int(ack["seq"])
+
+
+async def result(nc: NATS, seq: int, timeout: float = 30.0) -> dict[str, Any]:
+    kv = await nc.jetstream().key_value("CC_RESULTS")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            return json.loads((await kv.get(str(seq))).value)
+        except nats.js.errors.KeyNotFoundError:
+            await asyncio.sleep(0.05)
+    raise AssertionError(f"no result for command {seq} within {timeout}s")
+
+
+async def kv_json(nc: NATS, bucket: str, key: str) -> Any:
+    kv = await nc.jetstream().key_value(bucket)
+    try:
+        entry = await kv.get(key)
+    except nats.js.errors.KeyNotFoundError:
+        return None
+    return json.loads(entry.value) if entry.value else None
+
+
+async def eventually(probe, expected: Any, timeout: float = 30.0) -> Any:
+    """Poll ``probe()`` until it returns ``expected``; return the last value seen."""
+    deadline = time.monotonic() + timeout
+    value = None
+    while time.monotonic() < deadline:
+        value = await probe()
+        if value == expected:
+            return value
+        await asyncio.sleep(0.1)
+    return value
+
+
+async def events(nc: NATS, subject: str = "cc.events.>") -> list[tuple[str, dict[str, Any]]]:
+    """Every stored event matching ``subject``, read with an ordinary ordered consumer."""
+    js = nc.jetstream()
+    info = await js.stream_info("CC_EVENTS")
+    found: list[tuple[str, dict[str, Any]]] = []
+    if info.state.messages == 0:
+        return found
+    sub = await js.subscribe(subject, ordered_consumer=True)
+    try:
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=1.0)
+            except nats.errors.TimeoutError:
+                return found
+            found.append((msg.subject, json.loads(msg.data)))
+            if msg.metadata.num_pending == 0:
+                return found
+    finally:
+        await sub.unsubscribe()
