@@ -223,13 +223,19 @@ class WasmtimeComponent:
             func.post_return(store)
         except wasmtime.WasmtimeError as exc:
             self._store = None  # poisoned: the next call starts from a fresh instance
-            reason = str(exc).splitlines()[0]
-            if "interrupt" in reason:
-                reason = f"call exceeded its deadline of {self._ticks * EPOCH_TICK_SECONDS:.2f}s"
+            reason = self._trap_reason(str(exc))
             raise ComponentFailed(f"component {self.name!r} failed in {export}: {reason}") from None
         if isinstance(result, str):
             raise RejectedByComponent(result)
         return result
+
+    def _trap_reason(self, message: str) -> str:
+        """wasmtime puts a backtrace first and the cause last: keep the cause."""
+        if "wasm trap: interrupt" in message:
+            return f"call exceeded its deadline of {self._ticks * EPOCH_TICK_SECONDS:.2f}s"
+        lines = [line.strip() for line in message.splitlines() if line.strip()]
+        causes = [line for line in lines if "trap" in line or "memory" in line or "Caused by" in line]
+        return (causes or lines or ["unknown trap"])[-1]
 
     async def _run(self, export: str, *args: Any, effects: HandlerEffects | None = None) -> Any:
         def call() -> Any:

@@ -171,6 +171,7 @@ class AggregateWorker:
                     expected_last_seq=current.event_seq, causation=causation,
                 )
             except WrongLastSequence:
+                self._logger.debug("append conflict; deciding again", key=command.key, command_seq=seq)
                 continue  # someone appended first: decide again on the newer state
             await self._store(command.key, value, seqs[-1], current.revision)
             return self._accepted(command, [e.type for e in cloud_events])

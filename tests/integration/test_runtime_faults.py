@@ -1,0 +1,109 @@
+"""Components that loop, trap or hog memory fail their own message, never the daemon."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from concordance_provider.links import Role
+from concordance_provider.runtime import ComponentFailed, RejectedByComponent
+from concordance_provider.runtime.wasmtime_host import ComponentLoadError, WasmtimeComponent
+
+from .harness import client, daemon, kv_json, nats_server, result, send
+
+pytestmark = pytest.mark.integration
+
+
+def _looper(path: Path, timeout_ms: int = 300) -> WasmtimeComponent:
+    return WasmtimeComponent("looper", path, Role.AGGREGATE, call_timeout_ms=timeout_ms, max_memory_mb=64)
+
+
+async def _count(component: WasmtimeComponent) -> int:
+    events = await component.handle_command("looper", "count", "k", None, "{}")
+    return len(events)
+
+
+async def test_infinite_loop_is_interrupted_at_its_deadline_and_the_next_call_works(looper_component):
+    component = _looper(looper_component)
+    await component.start()
+    try:
+        started = time.monotonic()
+        with pytest.raises(ComponentFailed, match="deadline"):
+            await component.handle_command("looper", "spin", "k", None, "{}")
+        assert time.monotonic() - started < 5
+        assert await _count(component) == 1
+    finally:
+        await component.close()
+
+
+@pytest.mark.parametrize("command", ["crash", "hog"])
+async def test_trap_and_runaway_memory_fail_one_call(looper_component, command):
+    component = _looper(looper_component, timeout_ms=5000)
+    await component.start()
+    try:
+        with pytest.raises(ComponentFailed):
+            await component.handle_command("looper", command, "k", None, "{}")
+        assert await _count(component) == 1
+    finally:
+        await component.close()
+
+
+async def test_error_result_is_a_rejection_not_a_fault(looper_component):
+    component = _looper(looper_component)
+    await component.start()
+    try:
+        with pytest.raises(RejectedByComponent, match="unknown command nope"):
+            await component.handle_command("looper", "nope", "k", None, "{}")
+    finally:
+        await component.close()
+
+
+async def test_wrong_world_is_refused_naming_what_is_missing(looper_component):
+    component = WasmtimeComponent("looper", looper_component, Role.PROJECTOR, call_timeout_ms=100, max_memory_mb=64)
+    with pytest.raises(ComponentLoadError, match="does not export apply-stateless-event"):
+        await component.start()
+    await component.close()
+
+
+async def test_not_a_component_is_refused(tmp_path):
+    bogus = tmp_path / "bogus.wasm"
+    bogus.write_bytes(b"\0asm not really")
+    component = WasmtimeComponent("bogus", bogus, Role.AGGREGATE, call_timeout_ms=100, max_memory_mb=64)
+    with pytest.raises(ComponentLoadError, match="not a WebAssembly component"):
+        await component.start()
+    await component.close()
+
+
+MANIFEST = """\
+apiVersion: core.oam.dev/v1beta1
+kind: Application
+metadata: {name: looper}
+spec:
+  components:
+    - name: looper
+      type: component
+      properties: {image: "file://%s"}
+      traits:
+        - type: link
+          properties:
+            target: concordance
+            values: {ROLE: aggregate, NAME: looper, INTEREST: looper, CALL_TIMEOUT_MS: "300"}
+"""
+
+
+async def test_daemon_keeps_serving_while_a_component_loops_forever(looper_component, tmp_path):
+    manifest = tmp_path / "app.yaml"
+    manifest.write_text(MANIFEST % looper_component)
+    with nats_server(tmp_path) as server, daemon(manifest, tmp_path / "d.log", "--nats-url", server.url) as process:
+        async with client(server.url) as nc:
+            spin = await send(nc, "looper", {"command_type": "spin", "key": "L1"})
+            counted = [await send(nc, "looper", {"command_type": "count", "key": "L2"}) for _ in range(3)]
+            assert [(await result(nc, s))["status"] for s in counted] == ["accepted"] * 3
+            outcome = await result(nc, spin, timeout=60)
+            assert outcome["status"] == "rejected" and "deadline" in outcome["error"]
+            assert (await kv_json(nc, "CC_STATE", "agg.looper.L2")) == {"count": 3}
+        assert process.process.poll() is None
