@@ -39,7 +39,8 @@ class Daemon:
 
     async def _connect(self) -> tuple[NATS, JetStreamContext]:
         async def on_disconnect() -> None:
-            log.warning("disconnected from NATS; reconnecting")
+            if not self.stopping.is_set():
+                log.warning("disconnected from NATS; reconnecting")
 
         async def on_reconnect() -> None:
             log.info("reconnected to NATS")

@@ -95,7 +95,14 @@ def _decode_config_b64(encoded: str) -> dict[str, str]:
     if not isinstance(decoded, dict):
         raise LinkError("CONFIG_B64 must decode to a JSON object")
     renamed = {"KEY" if k.lower() == "key_field" else k: v for k, v in decoded.items()}
-    return _normalise_keys({k: v if isinstance(v, str) else json.dumps(v) for k, v in renamed.items()})
+    return _normalise_keys({k: _as_text(v) for k, v in renamed.items()})
+
+
+def _as_text(value: object) -> str:
+    """A list of event types means the comma-separated form; a mapping, its JSON."""
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return ",".join(value)
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def _event_type(raw: str, where: str) -> str:

@@ -93,7 +93,10 @@ class AggregateWorker:
     async def current_state(self, key: str) -> CurrentState:
         """Stored state, with any events it has not seen yet folded in."""
         stored = await self._states.load(aggregate_state_key(self.interest.name, key))
-        pending = await self._log_store.read(self.stream, key, after_seq=stored.event_seq)
+        pending: list[LoggedEvent] = []
+        # one cheap lookup in the common case; the batch read only when state is behind
+        if await self._log_store.last_seq(self.stream, key) > stored.event_seq:
+            pending = await self._log_store.read(self.stream, key, after_seq=stored.event_seq)
         value = stored.value
         for event in pending:
             value = await self._component.apply_event(to_component_event(event), value)

@@ -12,7 +12,7 @@ from .harness import client, daemon, eventually, events, kv_json, nats_server, r
 
 pytestmark = pytest.mark.integration
 
-COMMANDS = Path(__file__).resolve().parents[3] / "shared" / "reference" / "bankaccount" / "commands"
+COMMANDS = Path(__file__).resolve().parents[2] / "examples" / "bankaccount" / "commands"
 MANIFEST = Path(__file__).resolve().parents[2] / "examples" / "bankaccount" / "app.yaml"
 
 

@@ -102,3 +102,17 @@ def test_cli_explains_a_bad_manifest(tmp_path, content, message):
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert message in done.stderr
+
+
+async def test_incompatible_existing_stream_is_refused_clearly(example_components, tmp_path):
+    """A CC_EVENTS left by the original provider (subjects cc.events.*) is not silently reused."""
+    from .harness import nats_server
+
+    with nats_server(tmp_path) as server:
+        async with client(server.url) as nc:
+            await nc.jetstream().add_stream(name="CC_EVENTS", subjects=["cc.events.*"])
+        done = subprocess.run([sys.executable, "-m", "concordance_provider.cli", "up", str(MANIFEST),
+                               "--nats-url", server.url], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "stream CC_EVENTS exists with an incompatible configuration" in done.stderr
+    assert "cc.events.>" in done.stderr
