@@ -41,7 +41,6 @@ from nats.js.errors import KeyNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
 from concordance_provider.logging import configure as configure_logging
-from concordance_provider.nats_server import EmbeddedNatsServer, free_port
 from concordance_provider.naming import (
     COMMANDS_STREAM,
     RESULTS_BUCKET,
@@ -49,6 +48,7 @@ from concordance_provider.naming import (
     aggregate_state_key,
     command_subject,
 )
+from concordance_provider.nats_server import EmbeddedNatsServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFEST = Path("examples/bankaccount/app.yaml")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 
 from ..naming import EVENTS_STREAM, event_subject, instance_filter, parse_event_subject
 from ..wire import CloudEvent, parse_event
@@ -21,6 +22,12 @@ class LoggedEvent:
     key: str
     cloud_event: CloudEvent
     causation: str | None
+
+    @classmethod
+    def from_delivery(cls, msg: Msg) -> "LoggedEvent":
+        """An event delivered by a consumer."""
+        return cls.from_message(StoredMessage(msg.metadata.sequence.stream, msg.subject,
+                                              dict(msg.headers or {}), msg.data, ""))
 
     @classmethod
     def from_message(cls, msg: StoredMessage) -> "LoggedEvent":

@@ -35,8 +35,22 @@ from ..store.events import EventLog, LoggedEvent
 from ..store.jetstream import WrongLastSequence
 from ..store.results import ResultStore
 from ..store.state import StateStore
-from ..wire import BadMessage, CloudEvent, CommandResult, RawCommand, new_event, parse_command
-from .base import ConsumerSpec, KeyedLocks, Settle, dispatch_by_key, settle
+from ..wire import (
+    BadMessage,
+    CloudEvent,
+    CommandResult,
+    RawCommand,
+    new_event,
+    parse_command,
+)
+from .base import (
+    ConsumerSpec,
+    KeyedLocks,
+    Settle,
+    dispatch_by_key,
+    settle,
+    to_component_event,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -50,10 +64,6 @@ class CurrentState:
     event_seq: int
     revision: int
     behind: bool  # the stored state missed events that were folded in just now
-
-
-def to_component_event(event: LoggedEvent) -> Event:
-    return Event(event.event_type, event.stream, json.dumps(event.cloud_event.data))
 
 
 class AggregateWorker:

@@ -8,6 +8,7 @@ redelivered behind its back.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections import defaultdict
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -19,6 +20,9 @@ from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from ..runtime import Event
+from ..store.events import LoggedEvent
 
 log = structlog.get_logger(__name__)
 
@@ -72,6 +76,10 @@ class KeyedLocks:
             self._users[key] -= 1
             if not self._users[key]:
                 del self._users[key], self._locks[key]
+
+
+def to_component_event(event: LoggedEvent) -> Event:
+    return Event(event.event_type, event.stream, json.dumps(event.cloud_event.data))
 
 
 def backoff(num_delivered: int) -> float:

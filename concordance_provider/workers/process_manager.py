@@ -14,13 +14,20 @@ import structlog
 from nats.aio.msg import Msg
 
 from ..links import Interest
-from ..naming import EVENTS_STREAM, InvalidName, check_token, command_subject, event_type_filter, process_state_key, snake_case
+from ..naming import (
+    EVENTS_STREAM,
+    InvalidName,
+    check_token,
+    command_subject,
+    event_type_filter,
+    process_state_key,
+    snake_case,
+)
 from ..runtime import Component, OutputCommand, RejectedByComponent
 from ..store.events import LoggedEvent
-from ..store.jetstream import StoredMessage, publish
+from ..store.jetstream import publish
 from ..store.state import StateStore
-from .aggregate import to_component_event
-from .base import ConsumerSpec, Settle, settle
+from .base import ConsumerSpec, Settle, settle, to_component_event
 
 log = structlog.get_logger(__name__)
 
@@ -45,7 +52,7 @@ class ProcessManagerWorker:
             await settle(msg, self.on_event, self._logger)
 
     async def on_event(self, msg: Msg) -> Settle:
-        event = LoggedEvent.from_message(_stored(msg))
+        event = LoggedEvent.from_delivery(msg)
         logger = self._logger.bind(event_seq=event.seq, event_type=event.event_type)
         data = event.cloud_event.data
         process_key = data.get(self.interest.key_field) if isinstance(data, dict) else None
@@ -86,6 +93,3 @@ class ProcessManagerWorker:
                             {"Nats-Msg-Id": msg_id})
         logger.debug("command sent", aggregate=aggregate, command_seq=seq)
 
-
-def _stored(msg: Msg) -> StoredMessage:
-    return StoredMessage(msg.metadata.sequence.stream, msg.subject, dict(msg.headers or {}), msg.data, "")

@@ -13,14 +13,18 @@ import structlog
 from nats.aio.msg import Msg
 
 from ..links import Interest, Role
-from ..naming import EVENTS_STREAM, InvalidName, check_token, event_type_filter, snake_case
+from ..naming import (
+    EVENTS_STREAM,
+    InvalidName,
+    check_token,
+    event_type_filter,
+    snake_case,
+)
 from ..runtime import Component, Event, HandlerEffects, RejectedByComponent
 from ..store.events import EventLog, LoggedEvent
 from ..store.readmodel import ReadModel
 from ..wire import BadMessage, new_event
-from .aggregate import to_component_event
-from .base import ConsumerSpec, Settle, settle
-from .process_manager import _stored
+from .base import ConsumerSpec, Settle, settle, to_component_event
 
 log = structlog.get_logger(__name__)
 
@@ -64,7 +68,7 @@ class StatelessWorker:
         return None
 
     async def on_event(self, msg: Msg) -> Settle:
-        event = LoggedEvent.from_message(_stored(msg))
+        event = LoggedEvent.from_delivery(msg)
         logger = self._logger.bind(event_seq=event.seq, event_type=event.event_type, key=event.key)
         applied, revision = await self._read_model.checkpoint()
         if applied >= event.seq:

@@ -8,7 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from .harness import client, daemon, eventually, events, kv_json, nats_server, result, send
+from .harness import (
+    client,
+    daemon,
+    events,
+    eventually,
+    kv_json,
+    nats_server,
+    result,
+    send,
+)
 
 pytestmark = pytest.mark.integration
 

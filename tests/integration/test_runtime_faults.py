@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import json
 import time
 from pathlib import Path
 
@@ -11,7 +9,10 @@ import pytest
 
 from concordance_provider.links import Role
 from concordance_provider.runtime import ComponentFailed, RejectedByComponent
-from concordance_provider.runtime.wasmtime_host import ComponentLoadError, WasmtimeComponent
+from concordance_provider.runtime.wasmtime_host import (
+    ComponentLoadError,
+    WasmtimeComponent,
+)
 
 from .harness import client, daemon, kv_json, nats_server, result, send
 

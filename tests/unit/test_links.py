@@ -3,7 +3,14 @@ import json
 
 import pytest
 
-from concordance_provider.links import DEFAULT_BATCH, Interest, LinkError, ProcessLifetime, Role, parse_interest
+from concordance_provider.links import (
+    DEFAULT_BATCH,
+    Interest,
+    LinkError,
+    ProcessLifetime,
+    Role,
+    parse_interest,
+)
 
 PM_INTEREST = json.dumps({"start": "WireTransferInitiated", "advance": ["funds-reserved"], "stop": ["FundsCommitted"]})
 

@@ -1,7 +1,12 @@
 import pytest
 
 from concordance_provider import naming
-from concordance_provider.naming import InvalidName, check_token, parse_event_subject, snake_case
+from concordance_provider.naming import (
+    InvalidName,
+    check_token,
+    parse_event_subject,
+    snake_case,
+)
 
 
 @pytest.mark.parametrize(
