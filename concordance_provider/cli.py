@@ -19,9 +19,11 @@ from .config import NatsOptions
 from .daemon import Daemon
 from .logging import configure
 from .manifest import ManifestError, load_manifest
-from .naming import RESULTS_BUCKET, command_subject
+from .naming import COMMANDS_STREAM, DEADLETTER_PREFIX, DEADLETTER_STREAM, RESULTS_BUCKET, command_subject
 from .nats_server import EmbeddedNatsServer, NatsServerError
 from .runtime.wasmtime_host import ComponentLoadError
+from .store.deadletters import DeadLetters
+from .store.jetstream import publish
 from .store.streams import IncompatibleStream
 
 app = typer.Typer(help="Event sourcing for WebAssembly components on NATS JetStream.", no_args_is_help=True)
@@ -135,6 +137,85 @@ async def _send(url: str, aggregate: str, body: bytes, wait: float) -> dict:
         return ack
     finally:
         await nc.close()
+
+
+deadletters = typer.Typer(help="List, show, retry and purge dead letters (stream CC_DEADLETTER).",
+                          no_args_is_help=True)
+app.add_typer(deadletters, name="deadletters")
+NATS_URL = typer.Option("nats://127.0.0.1:4222", "--nats-url")
+
+
+async def _with_store(url: str, work):  # type: ignore[no-untyped-def]
+    nc = await nats.connect(url)
+    try:
+        return await work(nc, DeadLetters(nc))
+    finally:
+        await nc.close()
+
+
+@deadletters.command("list")
+def deadletters_list(consumer: Optional[str] = typer.Option(None, help="only this consumer's"),
+                     nats_url: str = NATS_URL) -> None:
+    """One line per dead letter: sequence, consumer, original subject, deliveries, reason."""
+    letters = asyncio.run(_with_store(nats_url, lambda nc, store: store.list(consumer)))
+    for letter in letters:
+        typer.echo(f"{letter.seq}\t{letter.consumer}\t{letter.subject}\t{letter.deliveries}\t{letter.reason}")
+    typer.echo(f"{len(letters)} dead letter(s)", err=True)
+
+
+@deadletters.command("show")
+def deadletters_show(seq: int, nats_url: str = NATS_URL) -> None:
+    """The whole dead letter as JSON, with its body decoded when it is text."""
+    letter = asyncio.run(_with_store(nats_url, lambda nc, store: store.get(seq)))
+    if letter is None:
+        _fail(f"no dead letter {seq}")
+    shown = letter.model_dump()
+    try:
+        shown["body"] = letter.body.decode()
+    except UnicodeDecodeError:
+        pass
+    typer.echo(json.dumps(shown, indent=2))
+
+
+@deadletters.command("retry")
+def deadletters_retry(seq: int, nats_url: str = NATS_URL) -> None:
+    """Send a dead command back to its original subject, exactly once, and remove the dead letter."""
+    async def work(nc, store):  # type: ignore[no-untyped-def]
+        letter = await store.get(seq)
+        if letter is None:
+            raise RetryRefused(f"no dead letter {seq}")
+        if letter.stream != COMMANDS_STREAM:
+            raise RetryRefused(f"dead letter {seq} is an event of {letter.consumer}; only commands can be "
+                               f"retried so far")
+        new_seq = await publish(nc, letter.subject, letter.body, {"Nats-Msg-Id": f"retry:{seq}"})
+        await store.remove(nc.jetstream(), seq)
+        return new_seq
+
+    try:
+        new_seq = asyncio.run(_with_store(nats_url, work))
+    except RetryRefused as exc:
+        _fail(str(exc))
+    typer.echo(f"dead letter {seq} sent again as command {new_seq}")
+
+
+@deadletters.command("purge")
+def deadletters_purge(consumer: Optional[str] = typer.Option(None, help="only this consumer's"),
+                      yes: bool = typer.Option(False, "--yes", help="do not ask"),
+                      nats_url: str = NATS_URL) -> None:
+    """Delete dead letters for good."""
+    if not yes:
+        typer.confirm(f"Delete the dead letters of {consumer or 'every consumer'}?", abort=True)
+    subject = f"{DEADLETTER_PREFIX}.{consumer}" if consumer else None
+
+    async def work(nc, store):  # type: ignore[no-untyped-def]
+        return await nc.jetstream().purge_stream(DEADLETTER_STREAM, subject=subject)
+
+    asyncio.run(_with_store(nats_url, work))
+    typer.echo("purged")
+
+
+class RetryRefused(Exception):
+    pass
 
 
 def _fail(message: str) -> None:

@@ -16,6 +16,7 @@ from .links import Role
 from .manifest import ComponentSpec, Manifest
 from .runtime import Component
 from .runtime.wasmtime_host import Grants, WasmtimeComponent
+from .store.deadletters import DeadLetters
 from .store.events import EventLog
 from .store.readmodel import ReadModel
 from .store.results import ResultStore
@@ -88,21 +89,21 @@ class Daemon:
 
     async def _build(self, nc: NATS, js: JetStreamContext,
                      loaded: list[tuple[ComponentSpec, Component]]) -> list[ConsumerLoop]:
-        events, states, results = EventLog(nc), StateStore(nc), ResultStore(js)
+        events, states, results, dead = EventLog(nc), StateStore(nc), ResultStore(js), DeadLetters(nc)
         aggregate_streams = frozenset(s.interest.stream for s, _ in loaded if s.interest.role is Role.AGGREGATE)
         loops: list[ConsumerLoop] = []
         for spec, component in loaded:
             interest = spec.interest
             if interest.role is Role.AGGREGATE:
-                agg = AggregateWorker(interest, component, events, states, results)
+                agg = AggregateWorker(interest, component, events, states, results, dead)
                 loops.append(ConsumerLoop(js, agg.command_consumer(), agg.dispatch_commands))
                 loops.append(ConsumerLoop(js, agg.event_consumer(), agg.dispatch_events))
             elif interest.role is Role.PROCESS_MANAGER:
-                pm = ProcessManagerWorker(interest, component, states, nc)
+                pm = ProcessManagerWorker(interest, component, states, nc, dead)
                 loops.append(ConsumerLoop(js, pm.consumer(), pm.dispatch))
             else:
                 bucket = read_model_bucket(interest)
                 await ensure_bucket(js, bucket, atomic=True)
-                handler = StatelessWorker(interest, component, ReadModel(nc, bucket), events, aggregate_streams)
+                handler = StatelessWorker(interest, component, ReadModel(nc, bucket), events, aggregate_streams, dead)
                 loops.append(ConsumerLoop(js, handler.consumer(), handler.dispatch))
         return loops

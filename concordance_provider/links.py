@@ -19,6 +19,7 @@ from .naming import InvalidName, check_token, snake_case
 DEFAULT_BATCH = 200
 DEFAULT_CALL_TIMEOUT_MS = 10_000
 DEFAULT_MEMORY_MB = 256
+DEFAULT_MAX_DELIVERIES = 5
 
 
 class LinkError(ValueError):
@@ -58,6 +59,7 @@ class Interest(BaseModel):
     max_messages_per_batch: int = Field(default=DEFAULT_BATCH, ge=1)
     call_timeout_ms: int = Field(default=DEFAULT_CALL_TIMEOUT_MS, ge=1)
     max_memory_mb: int = Field(default=DEFAULT_MEMORY_MB, ge=16)
+    max_deliveries: int = Field(default=DEFAULT_MAX_DELIVERIES, ge=1)
     read_model_bucket: str | None = None
 
     @property
@@ -194,6 +196,7 @@ def parse_interest(values: Mapping[str, str]) -> Interest:
             max_messages_per_batch=_positive_int(normalised, "MAX_MESSAGES_PER_BATCH", DEFAULT_BATCH, False),
             call_timeout_ms=_positive_int(normalised, "CALL_TIMEOUT_MS", DEFAULT_CALL_TIMEOUT_MS, True),
             max_memory_mb=_positive_int(normalised, "MAX_MEMORY_MB", DEFAULT_MEMORY_MB, True),
+            max_deliveries=_positive_int(normalised, "MAX_DELIVERIES", DEFAULT_MAX_DELIVERIES, True),
             read_model_bucket=check_token(bucket, "READ_MODEL_BUCKET") if bucket else None,
             **fields,
         )

@@ -16,6 +16,8 @@ COMMANDS_STREAM = "CC_COMMANDS"
 EVENTS_STREAM = "CC_EVENTS"
 STATE_BUCKET = "CC_STATE"
 RESULTS_BUCKET = "CC_RESULTS"
+DEADLETTER_STREAM = "CC_DEADLETTER"
+DEADLETTER_PREFIX = "cc.deadletter"
 
 # One NATS subject token that is also valid inside a KV key: no dots, wildcards, spaces or
 # control characters, so a client can never address another aggregate's subject or state.

@@ -20,8 +20,12 @@ class InvalidReadModelKey(ValueError):
     pass
 
 
+def is_valid_key(key: str) -> bool:
+    return bool(_KV_KEY.fullmatch(key)) and key != CHECKPOINT_KEY
+
+
 def check_key(key: str) -> str:
-    if not _KV_KEY.match(key) or key == CHECKPOINT_KEY:
+    if not is_valid_key(key):
         raise InvalidReadModelKey(f"read-model key {key!r} is not a valid KV key")
     return key
 

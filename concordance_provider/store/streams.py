@@ -23,6 +23,8 @@ from ..naming import (
     STATE_BUCKET,
 )
 
+from .deadletters import deadletter_config
+
 log = structlog.get_logger(__name__)
 
 DAY = 24 * 3600.0
@@ -102,5 +104,6 @@ async def ensure_bucket(js: JetStreamContext, bucket: str, *, ttl: float | None 
 async def ensure_all(js: JetStreamContext) -> None:
     await ensure_stream(js, commands_config())
     await ensure_stream(js, events_config())
+    await ensure_stream(js, deadletter_config())
     await ensure_bucket(js, STATE_BUCKET)
     await ensure_bucket(js, RESULTS_BUCKET, ttl=DAY)

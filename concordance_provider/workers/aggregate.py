@@ -31,6 +31,7 @@ from ..naming import (
     stream_filter,
 )
 from ..runtime import Component, ComponentFailed, Event, RejectedByComponent
+from ..store.deadletters import DeadLetters
 from ..store.events import EventLog, LoggedEvent
 from ..store.jetstream import WrongLastSequence
 from ..store.results import ResultStore
@@ -43,19 +44,11 @@ from ..wire import (
     new_event,
     parse_command,
 )
-from .base import (
-    ConsumerSpec,
-    KeyedLocks,
-    Settle,
-    dispatch_by_key,
-    settle,
-    to_component_event,
-)
+from .base import ConsumerSpec, KeyedLocks, Poison, Retry, Settler, dispatch_by_key, to_component_event
 
 log = structlog.get_logger(__name__)
 
 MAX_CONFLICT_RETRIES = 25
-MAX_FAILED_ATTEMPTS = 3  # a command whose component keeps failing is rejected after this many
 
 
 @dataclass(frozen=True)
@@ -70,7 +63,7 @@ class AggregateWorker:
     """Handles commands (``AGG_CMD_{name}``) and keeps state current (``AGG_EVT_{name}``)."""
 
     def __init__(self, interest: Interest, component: Component, log_: EventLog,
-                 states: StateStore, results: ResultStore) -> None:
+                 states: StateStore, results: ResultStore, dead_letters: DeadLetters) -> None:
         assert interest.stream is not None
         self.interest = interest
         self.stream = interest.stream
@@ -80,6 +73,10 @@ class AggregateWorker:
         self._results = results
         self._locks = KeyedLocks()
         self._logger = log.bind(component=component.name, aggregate=interest.name)
+        self._settle_command = Settler(self.command_consumer().durable, component.name, interest.max_deliveries,
+                                       dead_letters, self._logger, on_dead=self._answer_dead_command)
+        self._settle_event = Settler(self.event_consumer().durable, component.name, interest.max_deliveries,
+                                     dead_letters, self._logger)
 
     # -- consumers -----------------------------------------------------------------------------
 
@@ -92,11 +89,11 @@ class AggregateWorker:
                             (stream_filter(self.stream),), self.interest.max_messages_per_batch)
 
     async def dispatch_commands(self, batch: list[Msg]) -> None:
-        await dispatch_by_key(batch, _command_key, lambda m: settle(m, self.on_command, self._logger))
+        await dispatch_by_key(batch, _command_key, lambda m: self._settle_command(m, self.on_command))
 
     async def dispatch_events(self, batch: list[Msg]) -> None:
         await dispatch_by_key(batch, lambda m: m.subject.rsplit(".", 1)[-1],
-                              lambda m: settle(m, self.on_event, self._logger))
+                              lambda m: self._settle_event(m, self.on_event))
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -121,33 +118,36 @@ class AggregateWorker:
 
     # -- commands ------------------------------------------------------------------------------
 
-    async def on_command(self, msg: Msg) -> Settle:
+    async def on_command(self, msg: Msg) -> None:
         meta = msg.metadata
         seq = meta.sequence.stream
         logger = self._logger.bind(command_seq=seq)
         try:
             command = parse_command(msg.data)
         except BadMessage as exc:
-            logger.warning("command rejected", error=str(exc))
-            await self._results.record(seq, CommandResult(status="rejected", aggregate=self.interest.name, error=str(exc)))
-            return Settle.TERMINATE
+            raise Poison(str(exc)) from None  # answered by _answer_dead_command
         logger = logger.bind(key=command.key, command_type=command.command_type)
         async with self._locks.hold(command.key):
             try:
                 result = await self._execute(command, seq, meta.num_delivered > 1, meta.timestamp)
             except ComponentFailed as exc:
-                if meta.num_delivered < MAX_FAILED_ATTEMPTS:
-                    logger.warning("component failed; command will be retried", error=str(exc),
-                                   delivery=meta.num_delivered)
-                    return Settle.RETRY
-                logger.error("component failed; command rejected", error=str(exc))
-                result = self._rejected(command, f"{exc} (after {meta.num_delivered} attempts)")
+                raise Retry(str(exc)) from None
         if result.status == "rejected":
             logger.info("command rejected", error=result.error)
         else:
             logger.debug("command accepted", events=result.events)
         await self._results.record(seq, result)
-        return Settle.ACK
+
+    async def _answer_dead_command(self, msg: Msg, reason: str) -> None:
+        """A command that went to the dead letters still gets an outcome its client can read."""
+        try:
+            command: RawCommand | None = parse_command(msg.data)
+        except BadMessage:
+            command = None
+        await self._results.record(msg.metadata.sequence.stream, CommandResult(
+            status="rejected", aggregate=self.interest.name, error=reason,
+            command_type=command.command_type if command else None, key=command.key if command else None,
+        ))
 
     def _rejected(self, command: RawCommand, error: str) -> CommandResult:
         return CommandResult(status="rejected", aggregate=self.interest.name,
@@ -215,17 +215,19 @@ class AggregateWorker:
 
     # -- events --------------------------------------------------------------------------------
 
-    async def on_event(self, msg: Msg) -> Settle:
+    async def on_event(self, msg: Msg) -> None:
         """Bring stored state up to this event, if a crash left it behind."""
         _, _, key = parse_event_subject(msg.subject)
         stored = await self._states.load(aggregate_state_key(self.interest.name, key))
         if stored.event_seq >= msg.metadata.sequence.stream:
-            return Settle.ACK
+            return
         async with self._locks.hold(key):
-            current = await self.current_state(key)
+            try:
+                current = await self.current_state(key)
+            except ComponentFailed as exc:
+                raise Retry(str(exc)) from None
             if current.behind:
                 await self._store(key, current.value, current.event_seq, current.revision)
-        return Settle.ACK
 
 
 def _command_key(msg: Msg) -> str:

@@ -1,8 +1,9 @@
 """The skeleton every worker shares: a durable pull consumer, dispatch, and settling.
 
-A handler returns an ``Outcome``; the skeleton acks, naks with backoff, or terminates. While a
-handler runs, the message is kept alive with in-progress acks so long component calls are not
-redelivered behind its back.
+A handler returns normally (ack), raises ``Retry`` (redeliver with backoff) or ``Poison`` (no
+delivery can ever succeed). A message that fails its last allowed delivery, or is poison, is
+stored as a dead letter and only then terminated. While a handler runs, the message is kept
+alive with in-progress acks, so long component calls are not redelivered behind its back.
 """
 
 from __future__ import annotations
@@ -12,8 +13,7 @@ import json
 from collections import defaultdict
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from enum import Enum
-from typing import AsyncIterator, Awaitable, Callable, Hashable
+from typing import Any, AsyncIterator, Awaitable, Callable, Hashable
 
 import structlog
 from nats.aio.msg import Msg
@@ -22,6 +22,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from ..runtime import Event
+from ..store.deadletters import DeadLetter, DeadLetters
 from ..store.events import LoggedEvent
 
 log = structlog.get_logger(__name__)
@@ -30,10 +31,12 @@ ACK_WAIT_SECONDS = 30.0
 BACKOFF_SECONDS = (1, 2, 5, 10, 30, 60)
 
 
-class Settle(Enum):
-    ACK = "ack"
-    RETRY = "retry"  # nak with backoff: redelivered later
-    TERMINATE = "terminate"  # never redeliver
+class Retry(Exception):
+    """Handling failed; a later delivery may succeed."""
+
+
+class Poison(Exception):
+    """No delivery of this message can ever succeed."""
 
 
 @dataclass(frozen=True)
@@ -92,28 +95,58 @@ async def _keep_alive(msg: Msg) -> None:
         await msg.in_progress()
 
 
-async def settle(msg: Msg, handler: Callable[[Msg], Awaitable[Settle]], logger: structlog.BoundLogger) -> None:
-    """Run ``handler`` on ``msg`` and settle the message by its verdict; never raises."""
-    keeper = asyncio.create_task(_keep_alive(msg))
-    try:
-        verdict = await handler(msg)
-    except asyncio.CancelledError:
-        verdict = Settle.RETRY
-        raise
-    except Exception as exc:  # a bug or an outage: keep the message, say why
-        logger.exception("message handling failed; will retry", subject=msg.subject, error=str(exc))
-        verdict = Settle.RETRY
-    finally:
-        keeper.cancel()
+@dataclass
+class Settler:
+    """Runs a handler on a message and acks, naks or dead-letters it; never raises."""
+
+    consumer: str
+    component: str
+    max_deliveries: int
+    dead_letters: DeadLetters
+    logger: Any
+    on_dead: Callable[[Msg, str], Awaitable[None]] | None = None  # e.g. answer a waiting client
+
+    async def __call__(self, msg: Msg, handler: Callable[[Msg], Awaitable[None]]) -> None:
+        keeper = asyncio.create_task(_keep_alive(msg))
         try:
-            if verdict is Settle.ACK:
-                await msg.ack()
-            elif verdict is Settle.TERMINATE:
-                await msg.term()
+            await handler(msg)
+            await msg.ack()
+        except asyncio.CancelledError:
+            await self._nak(msg)
+            raise
+        except Poison as exc:
+            await self._bury(msg, str(exc))
+        except Exception as exc:
+            if not isinstance(exc, Retry):  # a bug or an outage: keep the message, say why
+                self.logger.exception("message handling failed", subject=msg.subject, error=str(exc))
+            deliveries = msg.metadata.num_delivered
+            if deliveries >= self.max_deliveries:
+                await self._bury(msg, f"{exc} (after {deliveries} deliveries)")
             else:
-                await msg.nak(delay=backoff(msg.metadata.num_delivered))
+                self.logger.warning("handling failed; will retry", subject=msg.subject, error=str(exc),
+                                    delivery=deliveries, max_deliveries=self.max_deliveries)
+                await self._nak(msg)
+        finally:
+            keeper.cancel()
+
+    async def _nak(self, msg: Msg) -> None:
+        try:
+            await msg.nak(delay=backoff(msg.metadata.num_delivered))
         except Exception as exc:  # connection gone: the server redelivers after ack wait
-            logger.warning("could not settle message", subject=msg.subject, error=str(exc))
+            self.logger.warning("could not nak message", subject=msg.subject, error=str(exc))
+
+    async def _bury(self, msg: Msg, reason: str) -> None:
+        try:
+            seq = await self.dead_letters.store(DeadLetter.of(msg, self.consumer, self.component, reason))
+            if self.on_dead is not None:
+                await self.on_dead(msg, reason)
+            await msg.term()
+        except Exception as exc:  # keep the message until its dead letter is safely stored
+            self.logger.error("could not store dead letter; will retry", subject=msg.subject, error=str(exc))
+            await self._nak(msg)
+            return
+        self.logger.error("message moved to dead letters", subject=msg.subject, reason=reason,
+                          stream_seq=msg.metadata.sequence.stream, deadletter_seq=seq)
 
 
 class ConsumerLoop:

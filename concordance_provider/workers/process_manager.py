@@ -9,8 +9,10 @@ Events are handled one at a time in log order, across all daemons.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import structlog
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from ..links import Interest
@@ -23,17 +25,19 @@ from ..naming import (
     process_state_key,
     snake_case,
 )
-from ..runtime import Component, OutputCommand, RejectedByComponent
+from ..runtime import Component, ComponentFailed, OutputCommand, RejectedByComponent
+from ..store.deadletters import DeadLetters
 from ..store.events import LoggedEvent
 from ..store.jetstream import publish
 from ..store.state import StateStore
-from .base import ConsumerSpec, Settle, settle, to_component_event
+from .base import ConsumerSpec, Poison, Retry, Settler, to_component_event
 
 log = structlog.get_logger(__name__)
 
 
 class ProcessManagerWorker:
-    def __init__(self, interest: Interest, component: Component, states: StateStore, nc) -> None:
+    def __init__(self, interest: Interest, component: Component, states: StateStore, nc: NATS,
+                 dead_letters: DeadLetters) -> None:
         assert interest.lifetime is not None and interest.key_field is not None
         self.interest = interest
         self._lifetime = interest.lifetime
@@ -41,6 +45,8 @@ class ProcessManagerWorker:
         self._states = states
         self._nc = nc
         self._logger = log.bind(component=component.name, process_manager=interest.name)
+        self._settle = Settler(interest.consumer_name, component.name, interest.max_deliveries,
+                               dead_letters, self._logger)
 
     def consumer(self) -> ConsumerSpec:
         filters = tuple(event_type_filter(t) for t in self._lifetime.event_types())
@@ -49,9 +55,9 @@ class ProcessManagerWorker:
 
     async def dispatch(self, batch: list[Msg]) -> None:
         for msg in batch:
-            await settle(msg, self.on_event, self._logger)
+            await self._settle(msg, self.on_event)
 
-    async def on_event(self, msg: Msg) -> Settle:
+    async def on_event(self, msg: Msg) -> None:
         event = LoggedEvent.from_delivery(msg)
         logger = self._logger.bind(event_seq=event.seq, event_type=event.event_type)
         data = event.cloud_event.data
@@ -59,37 +65,40 @@ class ProcessManagerWorker:
         try:
             check_token(str(process_key) if process_key is not None else "", "process key")
         except InvalidName as exc:
-            logger.error("event has no usable process key; skipped",
-                         key_field=self.interest.key_field, error=str(exc))
-            return Settle.TERMINATE
+            raise Poison(f"event has no usable process key in field {self.interest.key_field!r}: {exc}") from None
         state_key = process_state_key(self.interest.name, str(process_key))
         logger = logger.bind(key=process_key)
         stored = await self._states.load(state_key)
         if stored.event_seq >= event.seq:
-            return Settle.ACK  # already handled before a redelivery
+            return  # already handled before a redelivery
         starting = event.event_type == self._lifetime.start
         if not starting and stored.value is None:
             logger.info("event for a process that is not running; skipped")
-            return Settle.ACK
+            return
         try:
             ack = await self._component.handle_event(to_component_event(event), None if starting else stored.value)
-        except RejectedByComponent as exc:
-            logger.warning("process manager refused the event; will retry", error=str(exc))
-            return Settle.RETRY
-        for index, command in enumerate(ack.commands):
-            await self._send(command, f"pm:{self.interest.name}:{event.seq}:{index}", logger)
+        except (RejectedByComponent, ComponentFailed) as exc:
+            raise Retry(f"process manager failed on {event.event_type}: {exc}") from None
+        outgoing = [_command_body(c) for c in ack.commands]  # all valid before any is sent
+        for index, (aggregate, body) in enumerate(outgoing):
+            await self._send(aggregate, body, f"pm:{self.interest.name}:{event.seq}:{index}", logger)
         await self._states.save(state_key, ack.state, event.seq, stored.revision)
         logger.info("process advanced", commands=len(ack.commands), ended=ack.state is None)
-        return Settle.ACK
 
-    async def _send(self, command: OutputCommand, msg_id: str, logger) -> None:
-        aggregate = check_token(command.aggregate_stream, "aggregate_stream")
-        body = {
-            "command_type": snake_case(command.command_type),
-            "key": check_token(command.aggregate_key, "aggregate_key"),
-            "data": json.loads(command.json_payload),
-        }
+    async def _send(self, aggregate: str, body: dict, msg_id: str, logger: Any) -> None:
         seq = await publish(self._nc, command_subject(aggregate), json.dumps(body).encode(),
                             {"Nats-Msg-Id": msg_id})
         logger.debug("command sent", aggregate=aggregate, command_seq=seq)
+
+
+def _command_body(command: OutputCommand) -> tuple[str, dict[str, Any]]:
+    """The aggregate and RawCommand of an output command, or Retry saying what is wrong."""
+    try:
+        aggregate = check_token(command.aggregate_stream, "aggregate_stream")
+        key = check_token(command.aggregate_key, "aggregate_key")
+        command_type = check_token(snake_case(command.command_type), "command_type")
+        data = json.loads(command.json_payload)
+    except (InvalidName, ValueError) as exc:
+        raise Retry(f"process manager returned a malformed command: {exc}") from None
+    return aggregate, {"command_type": command_type, "key": key, "data": data}
 

@@ -20,11 +20,12 @@ from ..naming import (
     event_type_filter,
     snake_case,
 )
-from ..runtime import Component, Event, HandlerEffects, RejectedByComponent
+from ..runtime import Component, ComponentFailed, Event, HandlerEffects, RejectedByComponent
+from ..store.deadletters import DeadLetters
 from ..store.events import EventLog, LoggedEvent
-from ..store.readmodel import ReadModel
+from ..store.readmodel import ReadModel, is_valid_key
 from ..wire import BadMessage, new_event
-from .base import ConsumerSpec, Settle, settle, to_component_event
+from .base import ConsumerSpec, Retry, Settler, to_component_event
 
 log = structlog.get_logger(__name__)
 
@@ -37,13 +38,15 @@ def read_model_bucket(interest: Interest) -> str:
 
 class StatelessWorker:
     def __init__(self, interest: Interest, component: Component, read_model: ReadModel,
-                 events: EventLog, aggregate_streams: frozenset[str]) -> None:
+                 events: EventLog, aggregate_streams: frozenset[str], dead_letters: DeadLetters) -> None:
         self.interest = interest
         self._component = component
         self._read_model = read_model
         self._events = events
         self._aggregate_streams = aggregate_streams
         self._logger = log.bind(component=component.name, handler=interest.name, role=interest.role.value)
+        self._settle = Settler(interest.consumer_name, component.name, interest.max_deliveries,
+                               dead_letters, self._logger)
 
     def consumer(self) -> ConsumerSpec:
         filters = tuple(event_type_filter(t) for t in self.interest.event_types)
@@ -52,7 +55,7 @@ class StatelessWorker:
 
     async def dispatch(self, batch: list[Msg]) -> None:
         for msg in batch:
-            await settle(msg, self.on_event, self._logger)
+            await self._settle(msg, self.on_event)
 
     def _check_publish(self, key: str, event: Event) -> str | None:
         if self.interest.role is not Role.NOTIFIER:
@@ -67,12 +70,12 @@ class StatelessWorker:
             return str(exc)
         return None
 
-    async def on_event(self, msg: Msg) -> Settle:
+    async def on_event(self, msg: Msg) -> None:
         event = LoggedEvent.from_delivery(msg)
         logger = self._logger.bind(event_seq=event.seq, event_type=event.event_type, key=event.key)
         applied, revision = await self._read_model.checkpoint()
         if applied >= event.seq:
-            return Settle.ACK
+            return
         loop = asyncio.get_running_loop()
 
         def read(key: str) -> str | None:
@@ -81,17 +84,18 @@ class StatelessWorker:
         effects = HandlerEffects(read=read, check_publish=self._check_publish)
         try:
             await self._component.apply_stateless_event(to_component_event(event), effects)
-        except RejectedByComponent as exc:
-            logger.warning("handler failed; event will be redelivered", error=str(exc))
-            return Settle.RETRY
-        for index, (key, out) in enumerate(effects.published):
-            try:
-                cloud = new_event(snake_case(out.event_type), out.stream, key, out.payload)
-            except BadMessage as exc:
-                logger.error("handler published a malformed event; event will be redelivered", error=str(exc))
-                return Settle.RETRY
+        except (RejectedByComponent, ComponentFailed) as exc:
+            raise Retry(f"handler failed on {event.event_type}: {exc}") from None
+        try:
+            outgoing = [(key, new_event(snake_case(out.event_type), out.stream, key, out.payload))
+                        for key, out in effects.published]
+        except BadMessage as exc:
+            raise Retry(f"handler published a malformed event: {exc}") from None
+        invalid = [k for k in effects.puts if not is_valid_key(k)]
+        if invalid:
+            raise Retry(f"handler wrote read-model keys that are not valid KV keys: {invalid}")
+        for index, (key, cloud) in enumerate(outgoing):
             msg_id = f"{self.interest.consumer_name}:{event.seq}:{index}"
             await self._events.publish_one(cloud, key, msg_id, causation=f"event:{event.seq}")
         await self._read_model.apply(effects.puts, event.seq, revision)
         logger.debug("event handled", writes=len(effects.puts), published=len(effects.published))
-        return Settle.ACK

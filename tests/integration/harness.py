@@ -133,10 +133,15 @@ async def eventually(probe, expected: Any, timeout: float = 30.0) -> Any:
     return value
 
 
-async def events(nc: NATS, subject: str = "cc.events.>") -> list[tuple[str, dict[str, Any]]]:
-    """Every stored event matching ``subject``, read with an ordinary ordered consumer."""
+async def events_of_stream(nc: NATS, stream: str, subject: str) -> list[dict[str, Any]]:
+    return [body for _, body in await events(nc, subject, stream)]
+
+
+async def events(nc: NATS, subject: str = "cc.events.>",
+                 stream: str = "CC_EVENTS") -> list[tuple[str, dict[str, Any]]]:
+    """Every stored message matching ``subject``, read with an ordinary ordered consumer."""
     js = nc.jetstream()
-    info = await js.stream_info("CC_EVENTS")
+    info = await js.stream_info(stream)
     found: list[tuple[str, dict[str, Any]]] = []
     if info.state.messages == 0:
         return found

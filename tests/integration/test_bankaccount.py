@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import uuid
 from pathlib import Path
@@ -12,6 +13,7 @@ from .harness import (
     client,
     daemon,
     events,
+    events_of_stream,
     eventually,
     kv_json,
     nats_server,
@@ -105,6 +107,17 @@ async def test_malformed_commands_are_rejected_and_the_daemon_goes_on(bank, body
         assert outcome["status"] == "rejected" and error in outcome["error"]
         assert (await result(nc, await send(nc, "bankaccount", _account(f"OK-{uuid.uuid4().hex[:8]}", 1))))["status"] == "accepted"
     assert process.process.poll() is None
+
+
+async def test_undecodable_command_is_kept_as_a_dead_letter(bank):
+    url, _ = bank
+    async with client(url) as nc:
+        seq = await send(nc, "bankaccount", b"\xff\xfe not even text")
+        assert (await result(nc, seq))["status"] == "rejected"
+        letters = await events_of_stream(nc, "CC_DEADLETTER", "cc.deadletter.AGG_CMD_bankaccount")
+        (letter,) = [d for d in letters if d["stream_seq"] == seq]
+        assert letter["subject"] == "cc.commands.bankaccount" and "malformed command" in letter["reason"]
+        assert base64.b64decode(letter["body_b64"]) == b"\xff\xfe not even text"
 
 
 async def test_command_for_unknown_aggregate_is_answered(bank):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -92,7 +95,7 @@ spec:
         - type: link
           properties:
             target: concordance
-            values: {ROLE: aggregate, NAME: looper, INTEREST: looper, CALL_TIMEOUT_MS: "300"}
+            values: {ROLE: aggregate, NAME: looper, INTEREST: looper, CALL_TIMEOUT_MS: "300", MAX_DELIVERIES: "3"}
 """
 
 
@@ -106,5 +109,35 @@ async def test_daemon_keeps_serving_while_a_component_loops_forever(looper_compo
             assert [(await result(nc, s))["status"] for s in counted] == ["accepted"] * 3
             outcome = await result(nc, spin, timeout=60)
             assert outcome["status"] == "rejected" and "deadline" in outcome["error"]
+            assert "after 3 deliveries" in outcome["error"]
             assert (await kv_json(nc, "CC_STATE", "agg.looper.L2")) == {"count": 3}
         assert process.process.poll() is None
+
+        listed = _cli("deadletters", "list", "--nats-url", server.url)
+        (line,) = listed.splitlines()
+        dead_seq, consumer, subject, deliveries, reason = line.split("\t")
+        assert (consumer, subject, deliveries) == ("AGG_CMD_looper", "cc.commands.looper", "3")
+        assert "deadline" in reason
+        shown = json.loads(_cli("deadletters", "show", dead_seq, "--nats-url", server.url))
+        assert json.loads(shown["body"]) == {"command_type": "spin", "key": "L1"}
+        assert shown["stream_seq"] == spin
+
+        retried = _cli("deadletters", "retry", dead_seq, "--nats-url", server.url)
+        new_seq = int(retried.rsplit(" ", 1)[1])
+        async with client(server.url) as nc:  # it spins again: a second dead letter, for the new command
+            assert "deadline" in (await result(nc, new_seq, timeout=60))["error"]
+        again = _cli("deadletters", "list", "--nats-url", server.url).splitlines()
+        assert [row.split("\t")[1:3] for row in again] == [["AGG_CMD_looper", "cc.commands.looper"]]
+        assert again[0].split("\t")[0] != dead_seq
+        refused = _cli("deadletters", "retry", dead_seq, "--nats-url", server.url, ok=False)
+        assert f"no dead letter {dead_seq}" in refused
+
+        _cli("deadletters", "purge", "--yes", "--nats-url", server.url)
+        assert _cli("deadletters", "list", "--nats-url", server.url) == ""
+
+
+def _cli(*args: str, ok: bool = True) -> str:
+    done = subprocess.run([sys.executable, "-m", "concordance_provider.cli", *args],
+                          capture_output=True, text=True, timeout=60)
+    assert (done.returncode == 0) == ok, done.stderr
+    return done.stdout.strip() if ok else done.stderr
