@@ -16,7 +16,7 @@ import typer
 from . import __version__
 from .build import BuildError, build_component
 from .config import NatsOptions
-from .daemon import Daemon
+from .daemon import Daemon, DaemonFailed
 from .logging import configure
 from .manifest import ManifestError, load_manifest
 from .naming import COMMANDS_STREAM, DEADLETTER_PREFIX, DEADLETTER_STREAM, RESULTS_BUCKET, command_subject
@@ -70,7 +70,7 @@ def up(
                           creds_file=creds, tls_ca=tls_ca, js_domain=js_domain)
     try:
         asyncio.run(_serve(Daemon(app_manifest, options)))
-    except (ComponentLoadError, IncompatibleStream) as exc:
+    except (ComponentLoadError, IncompatibleStream, DaemonFailed) as exc:
         _fail(str(exc))
     except OSError as exc:
         _fail(f"cannot reach NATS at {nats_url}: {exc}")

@@ -31,12 +31,17 @@ from .workers.stateless import StatelessWorker, read_model_bucket
 log = structlog.get_logger(__name__)
 
 
+class DaemonFailed(Exception):
+    """The daemon could not go on serving."""
+
+
 @dataclass
 class Daemon:
     manifest: Manifest
     nats_options: NatsOptions
     cache_dir: Path | None = None
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    _failures: list[str] = field(default_factory=list)
 
     async def _connect(self) -> tuple[NATS, JetStreamContext]:
         async def on_disconnect() -> None:
@@ -75,6 +80,8 @@ class Daemon:
             log.info("concordance ready", application=self.manifest.name, nats=self.nats_options.url,
                      components=[s.name for s in self.manifest.components])
             tasks = [asyncio.create_task(loop.run(self.stopping), name=loop.spec.durable) for loop in loops]
+            for task in tasks:
+                task.add_done_callback(self._loop_ended)
             await self.stopping.wait()
             log.info("stopping: finishing in-flight messages")
             await router.stop()
@@ -86,6 +93,17 @@ class Daemon:
             except Exception:
                 pass
         log.info("concordance stopped")
+        if self._failures:
+            raise DaemonFailed("; ".join(self._failures))
+
+    def _loop_ended(self, task: asyncio.Task[None]) -> None:
+        """A consumer that ends before shutdown takes the daemon down, loudly, not silently."""
+        if task.cancelled() or self.stopping.is_set():
+            return
+        error = task.exception()
+        self._failures.append(f"consumer {task.get_name()} stopped: {error}")
+        log.error("consumer stopped unexpectedly; shutting down", consumer=task.get_name(), error=str(error))
+        self.stopping.set()
 
     async def _build(self, nc: NATS, js: JetStreamContext,
                      loaded: list[tuple[ComponentSpec, Component]]) -> list[ConsumerLoop]:
@@ -104,6 +122,7 @@ class Daemon:
             else:
                 bucket = read_model_bucket(interest)
                 await ensure_bucket(js, bucket, atomic=True)
-                handler = StatelessWorker(interest, component, ReadModel(nc, bucket), events, aggregate_streams, dead)
+                handler = StatelessWorker(interest, component, ReadModel(nc, bucket, interest.consumer_name), events,
+                                          aggregate_streams, dead)
                 loops.append(ConsumerLoop(js, handler.consumer(), handler.dispatch))
         return loops

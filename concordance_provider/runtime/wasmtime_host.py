@@ -225,6 +225,11 @@ class WasmtimeComponent:
             self._store = None  # poisoned: the next call starts from a fresh instance
             reason = self._trap_reason(str(exc))
             raise ComponentFailed(f"component {self.name!r} failed in {export}: {reason}") from None
+        except BaseException as exc:  # a host function failed: the instance is stuck mid-call
+            self._store = None
+            if isinstance(exc, ValueError):  # the component passed it a bad argument
+                raise ComponentFailed(f"component {self.name!r} failed in {export}: {exc}") from None
+            raise  # e.g. NATS away: not the component's fault
         if isinstance(result, str):
             raise RejectedByComponent(result)
         return result
@@ -276,5 +281,5 @@ class WasmtimeComponent:
         await self._run("apply-stateless-event", _event_record(event), effects=effects)
 
     async def close(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
         self._store = None

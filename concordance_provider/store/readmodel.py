@@ -1,6 +1,6 @@
 """Read models of stateless handlers: one KV bucket each, written all-or-nothing per event.
 
-Each write batch carries the checkpoint key ``_cc.checkpoint`` (the last event applied), guarded
+Each write batch carries the handler's checkpoint ``_cc.checkpoint.{consumer}`` (the last event applied), guarded
 by its revision, so a redelivered event is recognised and never applied to the read model twice.
 """
 
@@ -12,7 +12,7 @@ from nats.aio.client import Client as NATS
 
 from .jetstream import direct_get, publish_atomic
 
-CHECKPOINT_KEY = "_cc.checkpoint"
+CHECKPOINT_PREFIX = "_cc.checkpoint"
 _KV_KEY = re.compile(r"^[-/_=a-zA-Z0-9]+(\.[-/_=a-zA-Z0-9]+)*$")
 
 
@@ -21,7 +21,7 @@ class InvalidReadModelKey(ValueError):
 
 
 def is_valid_key(key: str) -> bool:
-    return bool(_KV_KEY.fullmatch(key)) and key != CHECKPOINT_KEY
+    return bool(_KV_KEY.fullmatch(key)) and not key.startswith(CHECKPOINT_PREFIX)
 
 
 def check_key(key: str) -> str:
@@ -31,9 +31,10 @@ def check_key(key: str) -> str:
 
 
 class ReadModel:
-    def __init__(self, nc: NATS, bucket: str) -> None:
+    def __init__(self, nc: NATS, bucket: str, consumer: str) -> None:
         self._nc = nc
         self.bucket = bucket
+        self._checkpoint_key = f"{CHECKPOINT_PREFIX}.{consumer}"  # handlers may share a bucket
 
     def _subject(self, key: str) -> str:
         return f"$KV.{self.bucket}.{key}"
@@ -46,7 +47,7 @@ class ReadModel:
 
     async def checkpoint(self) -> tuple[int, int]:
         """(last event sequence applied, revision of the checkpoint key)."""
-        msg = await direct_get(self._nc, f"KV_{self.bucket}", last_by_subj=self._subject(CHECKPOINT_KEY))
+        msg = await direct_get(self._nc, f"KV_{self.bucket}", last_by_subj=self._subject(self._checkpoint_key))
         return (int(msg.data or b"0"), msg.seq) if msg else (0, 0)
 
     async def apply(self, writes: dict[str, str | None], event_seq: int, checkpoint_revision: int) -> None:
@@ -57,5 +58,5 @@ class ReadModel:
         ]
         guard = {"Nats-Expected-Last-Subject-Sequence": str(checkpoint_revision)}
         # the guard sits on the first message: make that the checkpoint itself
-        messages.insert(0, (self._subject(CHECKPOINT_KEY), str(event_seq).encode(), {}))
+        messages.insert(0, (self._subject(self._checkpoint_key), str(event_seq).encode(), {}))
         await publish_atomic(self._nc, messages, guard)

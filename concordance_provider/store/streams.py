@@ -44,9 +44,10 @@ def commands_config() -> StreamConfig:
 
 
 def events_config() -> StreamConfig:
+    # A day of deduplication: events re-published after a crash (by message id) are dropped.
     return StreamConfig(
         name=EVENTS_STREAM, subjects=[f"{EVENT_PREFIX}.>"], retention=RetentionPolicy.LIMITS,
-        storage=StorageType.FILE, allow_atomic=True, allow_direct=True,
+        storage=StorageType.FILE, allow_atomic=True, allow_direct=True, duplicate_window=DAY,
     )
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import structlog
 from nats.aio.msg import Msg
@@ -49,6 +49,7 @@ from .base import ConsumerSpec, KeyedLocks, Poison, Retry, Settler, dispatch_by_
 log = structlog.get_logger(__name__)
 
 MAX_CONFLICT_RETRIES = 25
+CLOCK_SKEW_MARGIN = timedelta(seconds=60)
 
 
 @dataclass(frozen=True)
@@ -176,8 +177,9 @@ class AggregateWorker:
                 return self._accepted(command, [])
             cloud_events = [self._to_cloud_event(command.key, e) for e in events]
             value = current.value
-            for event in events:
-                value = await self._component.apply_event(event, value)
+            for cloud in cloud_events:  # exactly what a replay of the log will fold
+                value = await self._component.apply_event(
+                    Event(cloud.type, self.stream, json.dumps(cloud.data)), value)
             try:
                 seqs = await self._log_store.append(
                     self.stream, command.key, cloud_events,
@@ -208,7 +210,8 @@ class AggregateWorker:
 
     async def _already_appended(self, key: str, causation: str, sent_at: datetime) -> list[str] | None:
         """Event types this command already appended before a crash, or None if it did not."""
-        since = sent_at.isoformat().replace("+00:00", "Z")
+        # the command's store time, less a margin for clock skew between stream leaders
+        since = (sent_at - CLOCK_SKEW_MARGIN).isoformat().replace("+00:00", "Z")
         found = [e.event_type for e in await self._log_store.read(self.stream, key, since=since)
                  if e.causation == causation]
         return found or None
@@ -233,5 +236,5 @@ class AggregateWorker:
 def _command_key(msg: Msg) -> str:
     try:
         return str(json.loads(msg.data).get("key", ""))
-    except (ValueError, AttributeError):
+    except Exception:  # any body at all, even one nested deeper than the parser goes
         return ""

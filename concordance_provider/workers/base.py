@@ -89,10 +89,16 @@ def backoff(num_delivered: int) -> float:
     return float(BACKOFF_SECONDS[min(num_delivered, len(BACKOFF_SECONDS)) - 1])
 
 
-async def _keep_alive(msg: Msg) -> None:
+async def _keep_alive(batch: list[Msg]) -> None:
+    """Tell the server every fetched message is being worked on, including those still queued
+    behind others of their key, so none is redelivered to another daemon meanwhile."""
     while True:
         await asyncio.sleep(ACK_WAIT_SECONDS / 3)
-        await msg.in_progress()
+        for msg in batch:
+            try:
+                await msg.in_progress()  # a no-op for messages already settled
+            except Exception:
+                return  # connection gone: redelivery after ack wait is the fallback
 
 
 @dataclass
@@ -107,18 +113,15 @@ class Settler:
     on_dead: Callable[[Msg, str], Awaitable[None]] | None = None  # e.g. answer a waiting client
 
     async def __call__(self, msg: Msg, handler: Callable[[Msg], Awaitable[None]]) -> None:
-        keeper = asyncio.create_task(_keep_alive(msg))
         try:
             await handler(msg)
-            await msg.ack()
         except asyncio.CancelledError:
             await self._nak(msg)
             raise
         except Poison as exc:
             await self._bury(msg, str(exc))
-        except Exception as exc:
-            if not isinstance(exc, Retry):  # a bug or an outage: keep the message, say why
-                self.logger.exception("message handling failed", subject=msg.subject, error=str(exc))
+            return
+        except Retry as exc:  # the component failed: that counts against the message
             deliveries = msg.metadata.num_delivered
             if deliveries >= self.max_deliveries:
                 await self._bury(msg, f"{exc} (after {deliveries} deliveries)")
@@ -126,8 +129,15 @@ class Settler:
                 self.logger.warning("handling failed; will retry", subject=msg.subject, error=str(exc),
                                     delivery=deliveries, max_deliveries=self.max_deliveries)
                 await self._nak(msg)
-        finally:
-            keeper.cancel()
+            return
+        except Exception as exc:  # an outage or a bug, not the message's fault: never buried for it
+            self.logger.exception("message handling failed; will retry", subject=msg.subject, error=str(exc))
+            await self._nak(msg)
+            return
+        try:
+            await msg.ack()
+        except Exception as exc:  # handled; the redelivery will find it done
+            self.logger.warning("could not ack message", subject=msg.subject, error=str(exc))
 
     async def _nak(self, msg: Msg) -> None:
         try:
@@ -176,7 +186,13 @@ class ConsumerLoop:
                     self._log.warning("fetch failed", error=str(exc))
                     await asyncio.sleep(1.0)
                     continue
-                await self._dispatch(batch)
+                keeper = asyncio.create_task(_keep_alive(batch))
+                try:
+                    await self._dispatch(batch)
+                except Exception as exc:  # a bug must not silently stop this consumer
+                    self._log.exception("dispatch failed; continuing", error=str(exc))
+                finally:
+                    keeper.cancel()
         finally:
             try:
                 await sub.unsubscribe()

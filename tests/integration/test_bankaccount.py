@@ -92,6 +92,7 @@ async def test_rejected_command_tells_the_client_why(bank):
 
 @pytest.mark.parametrize("body, error", [
     (b"{not json", "Invalid JSON"),
+    (b"[" * 100_000, "malformed command"),  # deeper than any parser goes
     ({"key": "K1", "data": {}}, "command_type"),
     ({"command_type": "deposit_funds", "data": {}}, "key"),
     ({"command_type": "deposit_funds", "key": "a.>", "data": {}}, "'a.>' is not allowed"),
