@@ -35,6 +35,21 @@ class DaemonFailed(Exception):
     """The daemon could not go on serving."""
 
 
+async def connect(options: NatsOptions, **callbacks: object) -> tuple[NATS, JetStreamContext]:
+    nc = await nats.connect(**options.connect_kwargs(), **callbacks)
+    return nc, nc.jetstream(domain=options.js_domain)
+
+
+async def load_component(spec: ComponentSpec, cache_dir: Path | None = None) -> Component:
+    component = WasmtimeComponent(
+        spec.name, spec.path, spec.interest.role,
+        call_timeout_ms=spec.interest.call_timeout_ms, max_memory_mb=spec.interest.max_memory_mb,
+        grants=Grants(env=spec.grants.env, dirs=spec.grants.dirs), cache_dir=cache_dir,
+    )
+    await component.start()
+    return component
+
+
 @dataclass
 class Daemon:
     manifest: Manifest
@@ -54,18 +69,11 @@ class Daemon:
         async def on_error(exc: Exception) -> None:
             log.warning("NATS error", error=str(exc))
 
-        nc = await nats.connect(**self.nats_options.connect_kwargs(), disconnected_cb=on_disconnect,
-                                reconnected_cb=on_reconnect, error_cb=on_error)
-        return nc, nc.jetstream(domain=self.nats_options.js_domain)
+        return await connect(self.nats_options, disconnected_cb=on_disconnect,
+                             reconnected_cb=on_reconnect, error_cb=on_error)
 
     async def _load(self, spec: ComponentSpec) -> Component:
-        component = WasmtimeComponent(
-            spec.name, spec.path, spec.interest.role,
-            call_timeout_ms=spec.interest.call_timeout_ms, max_memory_mb=spec.interest.max_memory_mb,
-            grants=Grants(env=spec.grants.env, dirs=spec.grants.dirs), cache_dir=self.cache_dir,
-        )
-        await component.start()
-        return component
+        return await load_component(spec, self.cache_dir)
 
     async def run(self) -> None:
         components = await asyncio.gather(*(self._load(s) for s in self.manifest.components))

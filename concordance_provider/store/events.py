@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from ..naming import EVENTS_STREAM, event_subject, instance_filter, parse_event_subject
+from ..naming import EVENTS_STREAM, event_subject, instance_filter, parse_event_subject, stream_filter
 from ..wire import CloudEvent, parse_event
 from .jetstream import StoredMessage, direct_get, publish, publish_atomic, read_all
 
@@ -38,11 +38,17 @@ class LoggedEvent:
 class EventLog:
     def __init__(self, nc: NATS) -> None:
         self._nc = nc
+        self._js = nc.jetstream()
 
     async def last_seq(self, stream: str, key: str) -> int:
         """Sequence of the instance's latest event, 0 if it has none."""
         msg = await direct_get(self._nc, EVENTS_STREAM, last_by_subj=instance_filter(stream, key))
         return msg.seq if msg else 0
+
+    async def keys(self, stream: str) -> list[str]:
+        """The keys of every instance of ``stream`` that has events."""
+        info = await self._js.stream_info(EVENTS_STREAM, subjects_filter=stream_filter(stream))
+        return sorted({parse_event_subject(s)[2] for s in (info.state.subjects or {})})
 
     async def read(self, stream: str, key: str, after_seq: int = 0,
                    since: str | None = None) -> list[LoggedEvent]:

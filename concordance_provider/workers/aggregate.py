@@ -111,6 +111,27 @@ class AggregateWorker:
         last = pending[-1].seq if pending else stored.event_seq
         return CurrentState(value, last, stored.revision, bool(pending))
 
+    async def rebuild(self, key: str) -> str | None:
+        """Recompute the instance's state from its whole event log and store it."""
+        async with self._locks.hold(key):
+            for _attempt in range(MAX_CONFLICT_RETRIES):
+                stored = await self._states.load(aggregate_state_key(self.interest.name, key))
+                value = None
+                events = await self._log_store.read(self.stream, key)
+                for event in events:
+                    value = await self._component.apply_event(to_component_event(event), value)
+                try:
+                    await self._states.save(aggregate_state_key(self.interest.name, key), value,
+                                            events[-1].seq if events else 0, stored.revision)
+                    return value
+                except WrongLastSequence:
+                    continue  # a command landed meanwhile: fold again
+        raise ComponentFailed(f"state of {key!r} kept changing during the rebuild")
+
+    async def keys(self) -> list[str]:
+        """Every key of this aggregate that has events."""
+        return await self._log_store.keys(self.stream)
+
     async def _store(self, key: str, value: str | None, event_seq: int, revision: int) -> None:
         try:
             await self._states.save(aggregate_state_key(self.interest.name, key), value, event_seq, revision)

@@ -20,6 +20,7 @@ from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
 
 from ..runtime import Event
 from ..store.deadletters import DeadLetter, DeadLetters
@@ -170,7 +171,18 @@ class ConsumerLoop:
         self._log = log.bind(consumer=spec.durable)
 
     async def ensure(self) -> None:
-        await self._js.add_consumer(self.spec.stream, self.spec.config())
+        """Create the consumer, or update one that exists while keeping where it starts from
+        (a replay may have moved it; JetStream does not allow changing that)."""
+        wanted = self.spec.config()
+        try:
+            existing = (await self._js.consumer_info(self.spec.stream, self.spec.durable)).config
+        except NotFoundError:
+            await self._js.add_consumer(self.spec.stream, wanted)
+            return
+        wanted.deliver_policy = existing.deliver_policy
+        wanted.opt_start_seq = existing.opt_start_seq
+        wanted.opt_start_time = existing.opt_start_time
+        await self._js.add_consumer(self.spec.stream, wanted)
 
     async def run(self, stopping: asyncio.Event) -> None:
         await self.ensure()

@@ -49,9 +49,13 @@ class StatelessWorker:
                                dead_letters, self._logger)
 
     def consumer(self) -> ConsumerSpec:
-        filters = tuple(event_type_filter(t) for t in self.interest.event_types)
-        return ConsumerSpec(EVENTS_STREAM, self.interest.consumer_name, filters,
-                            self.interest.max_messages_per_batch, max_ack_pending=1)
+        return self.consumer_spec(self.interest)
+
+    @staticmethod
+    def consumer_spec(interest: Interest) -> ConsumerSpec:
+        filters = tuple(event_type_filter(t) for t in interest.event_types)
+        return ConsumerSpec(EVENTS_STREAM, interest.consumer_name, filters,
+                            interest.max_messages_per_batch, max_ack_pending=1)
 
     async def dispatch(self, batch: list[Msg]) -> None:
         for msg in batch:
