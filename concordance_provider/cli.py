@@ -81,7 +81,7 @@ def up(
     options = NatsOptions(url=nats_url, user=user, password=password, token=token,
                           creds_file=creds, tls_ca=tls_ca, js_domain=js_domain)
     try:
-        asyncio.run(_serve(Daemon(app_manifest, options)))
+        asyncio.run(_serve(Daemon(app_manifest, options), server))
     except (ComponentLoadError, IncompatibleStream, DaemonFailed) as exc:
         _fail(str(exc))
     except OSError as exc:
@@ -91,11 +91,16 @@ def up(
             server.stop()
 
 
-async def _serve(daemon: Daemon) -> None:
+async def _serve(daemon: Daemon, server: EmbeddedNatsServer | None) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, daemon.stopping.set)
-    await daemon.run()
+    supervisor = asyncio.create_task(server.supervise(daemon.stopping)) if server else None
+    try:
+        await daemon.run()
+    finally:
+        if supervisor is not None:
+            supervisor.cancel()
 
 
 @app.command()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import shutil
 import signal
@@ -81,6 +82,24 @@ class EmbeddedNatsServer:
                 time.sleep(0.05)
         self.stop()
         raise NatsServerError(f"nats-server did not listen on port {self.port} within {timeout}s")
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    async def supervise(self, stopping: asyncio.Event, every: float = 0.5) -> None:
+        """Start the server again whenever it dies before the daemon stops."""
+        while not stopping.is_set():
+            await asyncio.sleep(every)
+            if self.running or stopping.is_set():
+                continue
+            code = self._process.returncode if self._process else None
+            log.warning("nats-server exited; starting it again", exit_code=code)
+            try:
+                # on this (the main) thread: the parent-death signal follows the thread that forks
+                self.start()
+            except NatsServerError as exc:
+                log.error("could not restart nats-server; trying again", error=str(exc))
 
     def stop(self) -> None:
         if self._process is None or self._process.poll() is not None:

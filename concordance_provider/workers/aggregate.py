@@ -44,7 +44,16 @@ from ..wire import (
     new_event,
     parse_command,
 )
-from .base import ConsumerSpec, KeyedLocks, Poison, Retry, Settler, dispatch_by_key, to_component_event
+from .base import (
+    ConsumerSpec,
+    KeyedLocks,
+    KeyOrder,
+    Poison,
+    Retry,
+    Settler,
+    dispatch_by_key,
+    to_component_event,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -73,6 +82,7 @@ class AggregateWorker:
         self._states = states
         self._results = results
         self._locks = KeyedLocks()
+        self._command_order = KeyOrder()
         self._logger = log.bind(component=component.name, aggregate=interest.name)
         self._settle_command = Settler(self.command_consumer().durable, component.name, interest.max_deliveries,
                                        dead_letters, self._logger, on_dead=self._answer_dead_command)
@@ -90,7 +100,8 @@ class AggregateWorker:
                             (stream_filter(self.stream),), self.interest.max_messages_per_batch)
 
     async def dispatch_commands(self, batch: list[Msg]) -> None:
-        await dispatch_by_key(batch, _command_key, lambda m: self._settle_command(m, self.on_command))
+        await dispatch_by_key(batch, _command_key, lambda m: self._settle_command(m, self.on_command),
+                              self._command_order)
 
     async def dispatch_events(self, batch: list[Msg]) -> None:
         await dispatch_by_key(batch, lambda m: m.subject.rsplit(".", 1)[-1],

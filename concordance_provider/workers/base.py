@@ -12,7 +12,8 @@ import asyncio
 import json
 from collections import defaultdict
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable, Hashable
 
 import structlog
@@ -30,6 +31,7 @@ log = structlog.get_logger(__name__)
 
 ACK_WAIT_SECONDS = 30.0
 BACKOFF_SECONDS = (1, 2, 5, 10, 30, 60)
+ORDER_WAIT_SECONDS = 0.5
 
 
 class Retry(Exception):
@@ -113,32 +115,37 @@ class Settler:
     logger: Any
     on_dead: Callable[[Msg, str], Awaitable[None]] | None = None  # e.g. answer a waiting client
 
-    async def __call__(self, msg: Msg, handler: Callable[[Msg], Awaitable[None]]) -> None:
+    _failures: dict[int, int] = field(default_factory=dict)  # component failures by stream sequence
+
+    async def __call__(self, msg: Msg, handler: Callable[[Msg], Awaitable[None]]) -> bool:
+        """True once the message is settled for good (acked or dead-lettered), False if it will
+        be redelivered."""
+        seq = msg.metadata.sequence.stream
         try:
             await handler(msg)
         except asyncio.CancelledError:
             await self._nak(msg)
             raise
         except Poison as exc:
-            await self._bury(msg, str(exc))
-            return
+            return await self._bury(msg, str(exc))
         except Retry as exc:  # the component failed: that counts against the message
-            deliveries = msg.metadata.num_delivered
-            if deliveries >= self.max_deliveries:
-                await self._bury(msg, f"{exc} (after {deliveries} deliveries)")
-            else:
-                self.logger.warning("handling failed; will retry", subject=msg.subject, error=str(exc),
-                                    delivery=deliveries, max_deliveries=self.max_deliveries)
-                await self._nak(msg)
-            return
+            failures = self._failures[seq] = self._failures.get(seq, 0) + 1
+            if failures >= self.max_deliveries:
+                return await self._bury(msg, f"{exc} (after {failures} attempts)")
+            self.logger.warning("handling failed; will retry", subject=msg.subject, error=str(exc),
+                                attempt=failures, max_deliveries=self.max_deliveries)
+            await self._nak(msg)
+            return False
         except Exception as exc:  # an outage or a bug, not the message's fault: never buried for it
             self.logger.exception("message handling failed; will retry", subject=msg.subject, error=str(exc))
             await self._nak(msg)
-            return
+            return False
+        self._failures.pop(seq, None)
         try:
             await msg.ack()
         except Exception as exc:  # handled; the redelivery will find it done
             self.logger.warning("could not ack message", subject=msg.subject, error=str(exc))
+        return True
 
     async def _nak(self, msg: Msg) -> None:
         try:
@@ -146,7 +153,7 @@ class Settler:
         except Exception as exc:  # connection gone: the server redelivers after ack wait
             self.logger.warning("could not nak message", subject=msg.subject, error=str(exc))
 
-    async def _bury(self, msg: Msg, reason: str) -> None:
+    async def _bury(self, msg: Msg, reason: str) -> bool:
         try:
             seq = await self.dead_letters.store(DeadLetter.of(msg, self.consumer, self.component, reason))
             if self.on_dead is not None:
@@ -155,9 +162,11 @@ class Settler:
         except Exception as exc:  # keep the message until its dead letter is safely stored
             self.logger.error("could not store dead letter; will retry", subject=msg.subject, error=str(exc))
             await self._nak(msg)
-            return
+            return False
+        self._failures.pop(msg.metadata.sequence.stream, None)
         self.logger.error("message moved to dead letters", subject=msg.subject, reason=reason,
                           stream_seq=msg.metadata.sequence.stream, deadletter_seq=seq)
+        return True
 
 
 class ConsumerLoop:
@@ -212,16 +221,50 @@ class ConsumerLoop:
                 pass
 
 
+class KeyOrder:
+    """Keeps one key's messages in order across redeliveries, within this daemon.
+
+    When a message is sent back for redelivery, later messages of its key are sent back too,
+    until it is settled (or, if another daemon got it, until the hold expires).
+    """
+
+    def __init__(self, hold_seconds: float = 2 * max(BACKOFF_SECONDS)) -> None:
+        self._holds: dict[Hashable, tuple[int, float]] = {}  # key -> (first unsettled seq, expiry)
+        self._hold_seconds = hold_seconds
+
+    def waits(self, key: Hashable, seq: int) -> bool:
+        hold = self._holds.get(key)
+        if hold is None or hold[1] < time.monotonic():
+            self._holds.pop(key, None)
+            return False
+        return seq > hold[0]
+
+    def record(self, key: Hashable, seq: int, settled: bool) -> None:
+        hold = self._holds.get(key)
+        if settled:
+            if hold is not None and hold[0] == seq:
+                del self._holds[key]
+        elif hold is None or seq <= hold[0]:
+            self._holds[key] = (seq, time.monotonic() + self._hold_seconds)
+
+
 async def dispatch_by_key(
-    batch: list[Msg], key_of: Callable[[Msg], Hashable], handle: Callable[[Msg], Awaitable[None]],
+    batch: list[Msg], key_of: Callable[[Msg], Hashable], handle: Callable[[Msg], Awaitable[bool]],
+    order: KeyOrder | None = None,
 ) -> None:
     """Handle messages of different keys concurrently and of one key in order."""
     groups: dict[Hashable, list[Msg]] = defaultdict(list)
     for msg in batch:
         groups[key_of(msg)].append(msg)
 
-    async def in_order(msgs: list[Msg]) -> None:
+    async def in_order(key: Hashable, msgs: list[Msg]) -> None:
         for msg in msgs:
-            await handle(msg)
+            seq = msg.metadata.sequence.stream
+            if order is not None and order.waits(key, seq):
+                await msg.nak(delay=ORDER_WAIT_SECONDS)  # an earlier message of this key comes first
+                continue
+            settled = await handle(msg)
+            if order is not None:
+                order.record(key, seq, settled)
 
-    await asyncio.gather(*(in_order(msgs) for msgs in groups.values()))
+    await asyncio.gather(*(in_order(key, msgs) for key, msgs in groups.items()))

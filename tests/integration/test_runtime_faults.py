@@ -109,7 +109,7 @@ async def test_daemon_keeps_serving_while_a_component_loops_forever(looper_compo
             assert [(await result(nc, s))["status"] for s in counted] == ["accepted"] * 3
             outcome = await result(nc, spin, timeout=60)
             assert outcome["status"] == "rejected" and "deadline" in outcome["error"]
-            assert "after 3 deliveries" in outcome["error"]
+            assert "after 3 attempts" in outcome["error"]
             assert (await kv_json(nc, "CC_STATE", "agg.looper.L2")) == {"count": 3}
         assert process.process.poll() is None
 

@@ -1,0 +1,82 @@
+"""NATS goes away under load and comes back: the daemon reconnects and nothing is lost."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from concordance_provider.nats_server import EmbeddedNatsServer, free_port
+
+from .harness import DaemonProcess, client, daemon, events, kv_json, result, send
+
+pytestmark = pytest.mark.integration
+
+MANIFEST = Path(__file__).resolve().parents[2] / "examples" / "bankaccount" / "app.yaml"
+KEYS = [f"OUT-{i}" for i in range(4)]
+DEPOSITS = 30
+
+
+def _create(key: str) -> dict:
+    return {"command_type": "create_account", "key": key,
+            "data": {"accountNumber": key, "initialBalance": 0, "customerId": "C"}}
+
+
+def _deposit(key: str) -> dict:
+    return {"command_type": "deposit_funds", "key": key,
+            "data": {"accountNumber": key, "amount": 1, "customerId": "C"}}
+
+
+async def _load(url: str) -> list[int]:
+    async with client(url) as nc:
+        for key in KEYS:
+            await send(nc, "bankaccount", _create(key))
+        return list(await asyncio.gather(*(send(nc, "bankaccount", _deposit(k)) for k in KEYS for _ in range(DEPOSITS))))
+
+
+async def _all_done(url: str, seqs: list[int]) -> None:
+    async with client(url) as nc:
+        outcomes = [await result(nc, seq, timeout=90) for seq in seqs]
+        assert [o for o in outcomes if o["status"] != "accepted"] == []
+        for key in KEYS:
+            deposits = await events(nc, f"cc.events.funds_deposited.bankaccount.{key}")
+            assert len(deposits) == DEPOSITS
+            assert (await kv_json(nc, "CC_STATE", f"agg.bankaccount.{key}"))["balance"] == DEPOSITS
+
+
+async def test_external_server_restart_during_load(example_components, tmp_path):
+    server = EmbeddedNatsServer(tmp_path / "nats", free_port(), name="outage")
+    server.start()
+    try:
+        with daemon(MANIFEST, tmp_path / "d.log", "--nats-url", server.url) as process:
+            seqs = await _load(server.url)
+            server.stop()
+            await asyncio.sleep(2)
+            assert process.process.poll() is None  # NATS away: the daemon waits, it does not crash
+            server.start()
+            await _all_done(server.url, seqs)
+            assert any(e.get("event") == "reconnected to NATS" for e in process.logs())
+    finally:
+        server.stop()
+
+
+async def test_embedded_server_is_restarted_when_it_dies(example_components, tmp_path):
+    port = free_port()
+    url = f"nats://127.0.0.1:{port}"
+    process = DaemonProcess(MANIFEST, tmp_path / "d.log", "--state-dir", str(tmp_path / "state"), "--port", str(port))
+    try:
+        process.wait_ready()
+        server_pid = next(e["pid"] for e in process.logs() if e.get("event") == "nats-server started")
+        seqs = await _load(url)
+        os.kill(server_pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and sum(e.get("event") == "nats-server started" for e in process.logs()) < 2:
+            await asyncio.sleep(0.2)
+        assert any(e.get("event") == "nats-server exited; starting it again" for e in process.logs())
+        await _all_done(url, seqs)
+    finally:
+        assert process.stop() == 0
