@@ -122,12 +122,13 @@ async def kv_json(nc: NATS, bucket: str, key: str) -> Any:
 
 
 async def eventually(probe, expected: Any, timeout: float = 30.0) -> Any:
-    """Poll ``probe()`` until it returns ``expected``; return the last value seen."""
+    """Poll ``probe()`` until it returns ``expected`` (or a value ``expected`` accepts, if it is
+    callable); return the last value seen."""
     deadline = time.monotonic() + timeout
     value = None
     while time.monotonic() < deadline:
         value = await probe()
-        if value == expected:
+        if (expected(value) if callable(expected) else value == expected):
             return value
         await asyncio.sleep(0.1)
     return value

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -12,10 +13,7 @@ import pytest
 
 from concordance_provider.links import Role
 from concordance_provider.runtime import ComponentFailed, RejectedByComponent
-from concordance_provider.runtime.wasmtime_host import (
-    ComponentLoadError,
-    WasmtimeComponent,
-)
+from concordance_provider.runtime.wasmtime_host import ComponentLoadError, Grants, WasmtimeComponent
 
 from .harness import client, daemon, kv_json, nats_server, result, send
 
@@ -141,3 +139,39 @@ def _cli(*args: str, ok: bool = True) -> str:
                           capture_output=True, text=True, timeout=60)
     assert (done.returncode == 0) == ok, done.stderr
     return done.stdout.strip() if ok else done.stderr
+
+
+async def test_sandbox_refuses_files_sockets_and_environment(looper_component, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("do not read")
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        component = _looper(looper_component, timeout_ms=5000)
+        await component.start()
+        try:
+            (event,) = await component.handle_command(
+                "looper", "probe", "k", None, json.dumps({"file": str(secret), "port": listener.getsockname()[1]}))
+        finally:
+            await component.close()
+    report = json.loads(event.payload)
+    assert report["file"].startswith("refused")
+    assert report["socket"].startswith("refused")
+    assert "HOME" not in report["env"] and "PATH" not in report["env"]
+
+
+async def test_granted_environment_and_directory_are_visible(looper_component, tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "note.txt").write_text("granted")
+    component = WasmtimeComponent("looper", looper_component, Role.AGGREGATE, call_timeout_ms=5000,
+                                  max_memory_mb=64, grants=Grants(env={"GREETING": "hi"}, dirs={"/data": str(shared)}))
+    await component.start()
+    try:
+        (event,) = await component.handle_command(
+            "looper", "probe", "k", None, json.dumps({"file": "/data/note.txt", "port": 9}))
+    finally:
+        await component.close()
+    report = json.loads(event.payload)
+    assert report["env"] == {"GREETING": "hi"}
+    assert report["file"] == "allowed"

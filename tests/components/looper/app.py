@@ -1,14 +1,25 @@
 """A misbehaving aggregate, written against interface/ alone: it spins, traps, or counts.
 
 Commands: `spin` loops forever; `crash` raises (a trap); `hog` allocates without bound;
-`count` emits `counted`. State is {"count": n}.
+`count` emits `counted`; `probe` tries to reach outside its sandbox (a file, a socket, the
+environment) and reports what happened in a `probed` event. State is {"count": n}.
 """
 
 import json
+import os
+import socket
 
 import wit_world
 from componentize_py_types import Err
 from wit_world.imports.types import Event, EventWithState, StateAck, StatefulCommand
+
+
+def _attempt(action) -> str:
+    try:
+        action()
+        return "allowed"
+    except Exception as exc:
+        return f"refused: {type(exc).__name__}: {exc}"
 
 
 class WitWorld(wit_world.WitWorld):
@@ -22,6 +33,12 @@ class WitWorld(wit_world.WitWorld):
             hoard = []
             while True:
                 hoard.append(bytearray(1024 * 1024))
+        if command.command_type == "probe":
+            target = json.loads(command.payload)
+            report = {"file": _attempt(lambda: open(target["file"]).read()),
+                      "socket": _attempt(lambda: socket.create_connection(("127.0.0.1", target["port"]), 2)),
+                      "env": dict(os.environ)}
+            return [Event(event_type="probed", stream="looper", payload=json.dumps(report))]
         if command.command_type == "count":
             return [Event(event_type="counted", stream="looper", payload="{}")]
         raise Err(f"unknown command {command.command_type}")
