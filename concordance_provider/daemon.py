@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from typing import Awaitable, Callable
 from pathlib import Path
 
 import nats
@@ -35,8 +36,28 @@ class DaemonFailed(Exception):
     """The daemon could not go on serving."""
 
 
-async def connect(options: NatsOptions, **callbacks: object) -> tuple[NATS, JetStreamContext]:
-    nc = await nats.connect(**options.connect_kwargs(), **callbacks)
+# Errors that no number of reconnects will cure: say so at once instead of retrying forever.
+_FATAL_AT_START = ("authorization violation", "authentication", "certificate", "ssl", "tls")
+
+
+async def connect(options: NatsOptions, error_cb: Callable[[Exception], Awaitable[None]] | None = None,
+                  **callbacks: object) -> tuple[NATS, JetStreamContext]:
+    """Connect, waiting for a server that is not up yet but failing fast on refused credentials."""
+    fatal: asyncio.Future[Exception] = asyncio.get_running_loop().create_future()
+
+    async def on_error(exc: Exception) -> None:
+        if not fatal.done() and any(word in str(exc).lower() for word in _FATAL_AT_START):
+            fatal.set_result(exc)
+        if error_cb is not None:
+            await error_cb(exc)
+
+    connecting = asyncio.ensure_future(nats.connect(**options.connect_kwargs(), error_cb=on_error, **callbacks))
+    await asyncio.wait({connecting, fatal}, return_when=asyncio.FIRST_COMPLETED)
+    if not connecting.done():
+        connecting.cancel()
+        raise ConnectionRefusedError(f"NATS refused the connection: {fatal.result()}")
+    fatal.cancel()
+    nc = connecting.result()
     return nc, nc.jetstream(domain=options.js_domain)
 
 

@@ -1,0 +1,173 @@
+"""NATS authentication and TLS against real servers configured for each; secrets stay secret."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import nats
+import pytest
+
+from concordance_provider.nats_server import free_port, server_binary
+
+from .harness import DaemonProcess, daemon, kv_json, result, send
+
+pytestmark = pytest.mark.integration
+
+MANIFEST = Path(__file__).resolve().parents[2] / "examples" / "bankaccount" / "app.yaml"
+PASSWORD = "correct-horse-battery-staple"
+TOKEN = "t0ken-that-must-not-leak"
+
+
+@contextmanager
+def configured_server(tmp_path: Path, settings: str, scheme: str = "nats") -> Iterator[str]:
+    """nats-server with JetStream and ``settings`` (auth, TLS), stopped by its PID."""
+    port = free_port()
+    config = tmp_path / "nats.conf"
+    config.write_text(f'listen: "127.0.0.1:{port}"\njetstream {{ store_dir: "{tmp_path / "js"}" }}\n{settings}\n')
+    process = subprocess.Popen([server_binary(), "-c", str(config)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            assert process.poll() is None, f"nats-server refused its configuration:\n{config.read_text()}"
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.2).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        yield f"{scheme}://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def _certificates(tmp_path: Path) -> dict[str, Path]:
+    """A CA, and a server certificate for 127.0.0.1 signed by it (openssl, generated per test)."""
+    paths = {name: tmp_path / f"{name}.pem" for name in ("ca", "ca-key", "server", "server-key")}
+    ext = tmp_path / "san.ext"
+    ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    run = lambda *args: subprocess.run(["openssl", *args], check=True, capture_output=True)  # noqa: E731
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=concordance-test-ca",
+        "-keyout", str(paths["ca-key"]), "-out", str(paths["ca"]))
+    csr = tmp_path / "server.csr"
+    run("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", str(paths["server-key"]),
+        "-out", str(csr))
+    run("x509", "-req", "-in", str(csr), "-CA", str(paths["ca"]), "-CAkey", str(paths["ca-key"]),
+        "-CAcreateserial", "-days", "2", "-extfile", str(ext), "-out", str(paths["server"]))
+    return paths
+
+
+async def _scenario(url: str, **connect: object) -> None:
+    nc = await nats.connect(url, **connect)
+    try:
+        seq = await send(nc, "bankaccount", {"command_type": "create_account", "key": "SEC1",
+                         "data": {"accountNumber": "SEC1", "initialBalance": 7, "customerId": "C"}})
+        assert (await result(nc, seq))["status"] == "accepted"
+        assert (await kv_json(nc, "CC_STATE", "agg.bankaccount.SEC1"))["balance"] == 7
+    finally:
+        await nc.close()
+
+
+def _refused(url: str, tmp_path: Path, *args: str) -> str:
+    done = subprocess.run([sys.executable, "-m", "concordance_provider.cli", "up", str(MANIFEST),
+                           "--nats-url", url, *args], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    return done.stderr
+
+
+async def test_user_and_password(example_components, tmp_path):
+    settings = f'authorization {{ user: "alice", password: "{PASSWORD}" }}'
+    with configured_server(tmp_path, settings) as url:
+        with daemon(MANIFEST, tmp_path / "d.log", "--nats-url", url, "--user", "alice",
+                    "--password", PASSWORD) as process:
+            await _scenario(url, user="alice", password=PASSWORD)
+        assert PASSWORD not in process.log_path.read_text()
+        refused = _refused(url, tmp_path, "--user", "alice", "--password", "wrong-" + PASSWORD)
+        assert "authorization" in refused.lower() and PASSWORD not in refused
+
+
+async def test_token(example_components, tmp_path):
+    with configured_server(tmp_path, f'authorization {{ token: "{TOKEN}" }}') as url:
+        with daemon(MANIFEST, tmp_path / "d.log", "--nats-url", url, "--token", TOKEN) as process:
+            await _scenario(url, token=TOKEN)
+        assert TOKEN not in process.log_path.read_text()
+        assert TOKEN not in _refused(url, tmp_path, "--token", TOKEN + "-wrong")
+
+
+async def test_tls_with_a_ca(example_components, tmp_path):
+    import ssl
+
+    certs = _certificates(tmp_path)
+    settings = f'tls {{ cert_file: "{certs["server"]}", key_file: "{certs["server-key"]}" }}'
+    with configured_server(tmp_path, settings, scheme="tls") as url:
+        with daemon(MANIFEST, tmp_path / "d.log", "--nats-url", url, "--tls-ca", str(certs["ca"])):
+            await _scenario(url, tls=ssl.create_default_context(cafile=str(certs["ca"])))
+        refused = _refused(url, tmp_path)  # no CA: the server's certificate is not trusted
+        assert "certificate" in refused.lower() or "ssl" in refused.lower()
+
+
+def _b64(data: bytes) -> str:
+    import base64
+
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def _jwt(issuer, subject: str, name: str, claims: dict) -> str:
+    """A NATS JWT (ed25519-nkey), signed by ``issuer``."""
+    import json
+    import uuid
+
+    header = _b64(json.dumps({"typ": "JWT", "alg": "ed25519-nkey"}).encode())
+    body = _b64(json.dumps({"jti": uuid.uuid4().hex, "iat": int(time.time()), "iss": issuer.public_key.decode(),
+                            "name": name, "sub": subject, "nats": {"version": 2, **claims}}).encode())
+    return f"{header}.{body}.{_b64(issuer.sign(f'{header}.{body}'.encode()))}"
+
+
+def _operator_setup(tmp_path: Path) -> tuple[str, Path]:
+    """Operator, account (with JetStream) and user, as nsc would make them; returns the server
+    settings and the user's creds file."""
+    import os
+
+    import nkeys
+
+    def keypair(prefix: int):  # noqa: ANN202
+        seed = nkeys.encode_seed(os.urandom(32), prefix)
+        return seed, nkeys.from_seed(seed)
+
+    _, operator = keypair(nkeys.PREFIX_BYTE_OPERATOR)
+    _, account = keypair(nkeys.PREFIX_BYTE_ACCOUNT)
+    _, system = keypair(nkeys.PREFIX_BYTE_ACCOUNT)
+    user_seed, user = keypair(nkeys.PREFIX_BYTE_USER)
+    unlimited = {"subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1, "wildcards": True,
+                 "conn": -1, "leaf": -1, "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1}
+    operator_jwt = _jwt(operator, operator.public_key.decode(), "test-operator", {"type": "operator"})
+    account_pub = account.public_key.decode()
+    account_jwt = _jwt(operator, account_pub, "test-account", {"type": "account", "limits": unlimited})
+    user_jwt = _jwt(account, user.public_key.decode(), "concordance",
+                    {"type": "user", "pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1})
+    creds = tmp_path / "user.creds"
+    creds.write_text(f"-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n"
+                     f"-----BEGIN USER NKEY SEED-----\n{user_seed.decode()}\n------END USER NKEY SEED------\n")
+    system_pub = system.public_key.decode()
+    system_jwt = _jwt(operator, system_pub, "SYS", {"type": "account", "limits": unlimited | {
+        "mem_storage": 0, "disk_storage": 0, "streams": 0, "consumer": 0}})
+    settings = (f'operator: "{operator_jwt}"\nsystem_account: {system_pub}\nresolver: MEMORY\n'
+                f'resolver_preload: {{ {account_pub}: "{account_jwt}", {system_pub}: "{system_jwt}" }}')
+    return settings, creds
+
+
+async def test_jwt_and_nkey_seed_creds_file(example_components, tmp_path):
+    settings, creds = _operator_setup(tmp_path)
+    with configured_server(tmp_path, settings) as url:
+        with daemon(MANIFEST, tmp_path / "d.log", "--nats-url", url, "--creds", str(creds)) as process:
+            await _scenario(url, user_credentials=str(creds))
+        seed = [line for line in creds.read_text().splitlines() if line.startswith("SU")][0]
+        assert seed not in process.log_path.read_text()
+        refused = _refused(url, tmp_path)  # no credentials
+        assert "authorization" in refused.lower()
