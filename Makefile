@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 EXAMPLE := examples/bankaccount
 BUILD := $(EXAMPLE)/build
 
-.PHONY: setup run test examples bench clean
+.PHONY: setup run test examples bench faults clean
 
 $(BIN)/concordance: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ test: examples
 
 bench: examples
 	$(BIN)/python -m benchmarks.bench
+
+faults: examples
+	$(BIN)/python -m faults.suite
 
 clean:
 	rm -rf $(BUILD) .concordance
