@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from ..naming import EVENTS_STREAM, event_subject, instance_filter, parse_event_subject, stream_filter
-from ..wire import CloudEvent, parse_event
+from ..naming import EVENTS_STREAM, InvalidName, event_subject, instance_filter, parse_event_subject, stream_filter
+from ..wire import BadMessage, CloudEvent, parse_event
 from .jetstream import StoredMessage, direct_get, publish, publish_atomic, read_all
+
+log = structlog.get_logger(__name__)
 
 CAUSATION = "Concordance-Causation"  # what produced the event, e.g. "command:42"
 
@@ -35,6 +38,16 @@ class LoggedEvent:
         return cls(msg.seq, event_type, stream, key, parse_event(msg.data), msg.headers.get(CAUSATION))
 
 
+def _decode(msg: StoredMessage) -> LoggedEvent | None:
+    """An instance's event, or None (logged) for something that is not one: only the engine
+    appends to aggregate streams, so a foreign message there must not break the instance."""
+    try:
+        return LoggedEvent.from_message(msg)
+    except (BadMessage, InvalidName) as exc:
+        log.error("not an event; left out of the fold", subject=msg.subject, seq=msg.seq, error=str(exc))
+        return None
+
+
 class EventLog:
     def __init__(self, nc: NATS) -> None:
         self._nc = nc
@@ -55,7 +68,7 @@ class EventLog:
         """The instance's events after ``after_seq`` (or stored at or after time ``since``)."""
         messages = await read_all(self._nc, EVENTS_STREAM, instance_filter(stream, key),
                                   after_seq=after_seq, start_time=since)
-        return [LoggedEvent.from_message(m) for m in messages]
+        return [e for e in (_decode(m) for m in messages) if e is not None]
 
     async def append(self, stream: str, key: str, events: list[CloudEvent], *,
                      expected_last_seq: int, causation: str) -> list[int]:

@@ -26,7 +26,6 @@ from ..naming import (
     aggregate_state_key,
     check_token,
     command_subject,
-    parse_event_subject,
     snake_case,
     stream_filter,
 )
@@ -51,6 +50,7 @@ from .base import (
     Poison,
     Retry,
     Settler,
+    delivered_event,
     dispatch_by_key,
     to_component_event,
 )
@@ -252,7 +252,7 @@ class AggregateWorker:
 
     async def on_event(self, msg: Msg) -> None:
         """Bring stored state up to this event, if a crash left it behind."""
-        _, _, key = parse_event_subject(msg.subject)
+        key = delivered_event(msg).key
         stored = await self._states.load(aggregate_state_key(self.interest.name, key))
         if stored.event_seq >= msg.metadata.sequence.stream:
             return

@@ -23,9 +23,11 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
+from ..naming import InvalidName
 from ..runtime import Event
 from ..store.deadletters import DeadLetter, DeadLetters
 from ..store.events import LoggedEvent
+from ..wire import BadMessage
 
 log = structlog.get_logger(__name__)
 
@@ -82,6 +84,14 @@ class KeyedLocks:
             self._users[key] -= 1
             if not self._users[key]:
                 del self._users[key], self._locks[key]
+
+
+def delivered_event(msg: Msg) -> LoggedEvent:
+    """The event a consumer delivered, or Poison if it is not one (anyone may publish there)."""
+    try:
+        return LoggedEvent.from_delivery(msg)
+    except (BadMessage, InvalidName) as exc:
+        raise Poison(f"not a Concordance event: {exc}") from None
 
 
 def to_component_event(event: LoggedEvent) -> Event:

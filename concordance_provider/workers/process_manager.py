@@ -27,10 +27,9 @@ from ..naming import (
 )
 from ..runtime import Component, ComponentFailed, OutputCommand, RejectedByComponent
 from ..store.deadletters import DeadLetters
-from ..store.events import LoggedEvent
 from ..store.jetstream import publish
 from ..store.state import StateStore
-from .base import ConsumerSpec, Poison, Retry, Settler, to_component_event
+from .base import ConsumerSpec, Poison, Retry, Settler, delivered_event, to_component_event
 
 log = structlog.get_logger(__name__)
 
@@ -58,7 +57,7 @@ class ProcessManagerWorker:
             await self._settle(msg, self.on_event)
 
     async def on_event(self, msg: Msg) -> None:
-        event = LoggedEvent.from_delivery(msg)
+        event = delivered_event(msg)
         logger = self._logger.bind(event_seq=event.seq, event_type=event.event_type)
         data = event.cloud_event.data
         process_key = data.get(self.interest.key_field) if isinstance(data, dict) else None

@@ -22,10 +22,10 @@ from ..naming import (
 )
 from ..runtime import Component, ComponentFailed, Event, HandlerEffects, RejectedByComponent
 from ..store.deadletters import DeadLetters
-from ..store.events import EventLog, LoggedEvent
+from ..store.events import EventLog
 from ..store.readmodel import ReadModel, is_valid_key
 from ..wire import BadMessage, new_event
-from .base import ConsumerSpec, Retry, Settler, to_component_event
+from .base import ConsumerSpec, Retry, Settler, delivered_event, to_component_event
 
 log = structlog.get_logger(__name__)
 
@@ -75,7 +75,7 @@ class StatelessWorker:
         return None
 
     async def on_event(self, msg: Msg) -> None:
-        event = LoggedEvent.from_delivery(msg)
+        event = delivered_event(msg)
         logger = self._logger.bind(event_seq=event.seq, event_type=event.event_type, key=event.key)
         applied, revision = await self._read_model.checkpoint()
         if applied >= event.seq:

@@ -121,6 +121,28 @@ async def test_undecodable_command_is_kept_as_a_dead_letter(bank):
         assert base64.b64decode(letter["body_b64"]) == b"\xff\xfe not even text"
 
 
+async def test_foreign_or_keyless_events_become_dead_letters(bank):
+    """Anyone with access may publish on cc.events: the process manager must not choke on it."""
+    url, process = bank
+    async with client(url) as nc:
+        js = nc.jetstream()
+        garbage = await js.publish("cc.events.wire_transfer_succeeded.interbank.G1", b"\x00 not an event")
+        keyless = await js.publish("cc.events.wire_transfer_succeeded.interbank.G2", json.dumps({
+            "specversion": "1.0", "id": "x", "type": "wire_transfer_succeeded", "source": "elsewhere",
+            "time": "2026-01-01T00:00:00Z", "data": {"note": "no transfer id"},
+            "x-concordance-stream": "interbank"}).encode())
+
+        async def letters():
+            found = await events_of_stream(nc, "CC_DEADLETTER", "cc.deadletter.PM_interbankxfer")
+            return {d["stream_seq"]: d["reason"] for d in found}
+
+        found = await eventually(letters, lambda f: {garbage.seq, keyless.seq} <= set(f))
+        assert "not a Concordance event" in found[garbage.seq]
+        assert "no usable process key in field 'wireTransferId'" in found[keyless.seq]
+        assert (await result(nc, await send(nc, "bankaccount", _account("AFTER-G", 1))))["status"] == "accepted"
+    assert process.process.poll() is None
+
+
 async def test_command_for_unknown_aggregate_is_answered(bank):
     url, _ = bank
     async with client(url) as nc:

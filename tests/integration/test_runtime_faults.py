@@ -134,6 +134,22 @@ async def test_daemon_keeps_serving_while_a_component_loops_forever(looper_compo
         assert _cli("deadletters", "list", "--nats-url", server.url) == ""
 
 
+@pytest.mark.parametrize("command, error", [
+    ("bad_type", "malformed event"),
+    ("bad_payload", "payload is not JSON"),
+    ("wrong_stream", "may only append to its stream 'looper'"),
+])
+async def test_malformed_events_from_a_component_append_nothing(looper_component, tmp_path, command, error):
+    manifest = tmp_path / "app.yaml"
+    manifest.write_text(MANIFEST % looper_component)
+    with nats_server(tmp_path) as server, daemon(manifest, tmp_path / "d.log", "--nats-url", server.url):
+        async with client(server.url) as nc:
+            outcome = await result(nc, await send(nc, "looper", {"command_type": command, "key": "M1"}), timeout=60)
+            assert outcome["status"] == "rejected" and error in outcome["error"]
+            assert await kv_json(nc, "CC_STATE", "agg.looper.M1") is None
+            assert (await nc.jetstream().stream_info("CC_EVENTS")).state.messages == 0
+
+
 def _cli(*args: str, ok: bool = True) -> str:
     done = subprocess.run([sys.executable, "-m", "concordance_provider.cli", *args],
                           capture_output=True, text=True, timeout=60)

@@ -1,7 +1,7 @@
 """A misbehaving aggregate, written against interface/ alone: it spins, traps, or counts.
 
 Commands: `spin` loops forever; `crash` raises (a trap); `hog` allocates without bound;
-`count` emits `counted`; `probe` tries to reach outside its sandbox (a file, a socket, the
+`count` emits `counted`; `bad_type`, `bad_payload` and `wrong_stream` emit malformed events; `probe` tries to reach outside its sandbox (a file, a socket, the
 environment) and reports what happened in a `probed` event. State is {"count": n}.
 """
 
@@ -39,6 +39,12 @@ class WitWorld(wit_world.WitWorld):
                       "socket": _attempt(lambda: socket.create_connection(("127.0.0.1", target["port"]), 2)),
                       "env": dict(os.environ)}
             return [Event(event_type="probed", stream="looper", payload=json.dumps(report))]
+        if command.command_type == "bad_type":
+            return [Event(event_type="a.b", stream="looper", payload="{}")]
+        if command.command_type == "bad_payload":
+            return [Event(event_type="counted", stream="looper", payload="not json")]
+        if command.command_type == "wrong_stream":
+            return [Event(event_type="counted", stream="bankaccount", payload="{}")]
         if command.command_type == "count":
             return [Event(event_type="counted", stream="looper", payload="{}")]
         raise Err(f"unknown command {command.command_type}")
