@@ -1,0 +1,106 @@
+"""Generated input thrown at a running daemon: every command gets one outcome, nothing crashes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nats
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from .harness import daemon, nats_server
+
+pytestmark = pytest.mark.integration
+
+MANIFEST = Path(__file__).resolve().parents[2] / "examples" / "bankaccount" / "app.yaml"
+def slow(examples: int) -> settings:
+    return settings(max_examples=examples, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+
+keys = st.one_of(st.text(max_size=12), st.sampled_from(["ABC123", "a.>", "*", ">", "", " ", "ok-key", "ü"]))
+command_types = st.one_of(st.text(max_size=20), st.sampled_from(
+    ["create_account", "DepositFunds", "withdraw-funds", "wire_funds", "reserve_funds", "commit_funds"]))
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+                           max_leaves=8)
+raw_commands = st.one_of(
+    st.fixed_dictionaries({}, optional={"command_type": command_types, "key": keys,
+                                        "data": st.dictionaries(st.sampled_from(
+                                            ["accountNumber", "amount", "customerId", "minBalance", "initialBalance",
+                                             "wireTransactionId", "targetRoutingNumber"]), json_values)}),
+    json_values,
+).map(lambda doc: json.dumps(doc).encode()) | st.binary(max_size=64)
+
+
+@pytest.fixture(scope="module")
+def running(example_components, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("generated")
+    with nats_server(tmp) as server, daemon(MANIFEST, tmp / "d.log", "--nats-url", server.url) as process:
+        yield server.url, process
+
+
+async def _one_outcome(url: str, body: bytes) -> dict:
+    nc = await nats.connect(url)
+    try:
+        ack = json.loads((await nc.request("cc.commands.bankaccount", body, timeout=5)).data)
+        kv = await nc.jetstream().key_value("CC_RESULTS")
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                return json.loads((await kv.get(str(ack["seq"]))).value)
+            except nats.js.errors.KeyNotFoundError:
+                await asyncio.sleep(0.05)
+        raise AssertionError(f"no outcome for {body!r}")
+    finally:
+        await nc.close()
+
+
+@slow(60)
+@given(body=raw_commands)
+def test_any_command_gets_exactly_one_clear_outcome(running, body):
+    url, process = running
+    outcome = asyncio.run(_one_outcome(url, body))
+    assert outcome["status"] in ("accepted", "rejected")
+    if outcome["status"] == "rejected":
+        assert outcome["error"]
+    assert process.process.poll() is None
+
+
+link_values = st.dictionaries(
+    st.sampled_from(["ROLE", "role", "NAME", "INTEREST", "KEY", "MAX_MESSAGES_PER_BATCH", "CALL_TIMEOUT_MS",
+                     "MAX_DELIVERIES", "CONFIG_B64", "Other"]),
+    st.one_of(st.text(max_size=16), st.sampled_from(
+        ["aggregate", "projector", "process_manager", "notifier", "bankaccount", "0", "-3", "abc",
+         '{"start": "a", "advance": ["b"]}', '{"start": 1}', "a,b,c", "a.>"])),
+    max_size=6,
+)
+
+
+@slow(12)
+@given(values=link_values)
+def test_generated_link_values_start_or_are_refused_clearly(running, tmp_path_factory, values):
+    url, _ = running
+    folder = tmp_path_factory.mktemp("link")
+    image = MANIFEST.parent / "build" / "bankaccount_aggregate.wasm"
+    manifest = folder / "app.yaml"
+    manifest.write_text(json.dumps({  # JSON is YAML
+        "apiVersion": "core.oam.dev/v1beta1", "kind": "Application", "metadata": {"name": "generated"},
+        "spec": {"components": [{"name": "c", "type": "component", "properties": {"image": f"file://{image}"},
+                                 "traits": [{"type": "link", "properties": {"target": "concordance", "values": values}}]}]},
+    }))
+    process = subprocess.Popen([sys.executable, "-m", "concordance_provider.cli", "up", str(manifest),
+                                "--nats-url", url, "--log-format", "json"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _, stderr = process.communicate(timeout=8)
+        assert process.returncode == 2 and "error:" in stderr and "Traceback" not in stderr, stderr
+    except subprocess.TimeoutExpired:  # valid values: it serves; stop it cleanly
+        process.terminate()
+        _, stderr = process.communicate(timeout=30)
+        assert process.returncode == 0, stderr
