@@ -25,6 +25,15 @@ class WrongLastSequence(JetStreamError):
     """An optimistic-concurrency guard failed: someone appended first."""
 
 
+class PayloadTooLarge(ValueError):
+    """A message bigger than the server's maximum payload: it can never be published."""
+
+
+def _check_size(nc: NATS, subject: str, data: bytes) -> None:
+    if len(data) > nc.max_payload:
+        raise PayloadTooLarge(f"{subject}: {len(data)} bytes is over the NATS maximum payload of {nc.max_payload}")
+
+
 @dataclass(frozen=True)
 class StoredMessage:
     seq: int
@@ -108,6 +117,7 @@ async def read_all(nc: NATS, stream: str, subject: str, *, after_seq: int = 0,
 async def publish(nc: NATS, subject: str, data: bytes, headers: dict[str, str] | None = None,
                   timeout: float = 5.0) -> int:
     """Publish to a stream and wait for its ack; return the stream sequence."""
+    _check_size(nc, subject, data)
     reply = await nc.request(subject, data, headers=headers, timeout=timeout)
     ack = json.loads(reply.data)
     _raise_for(ack)
@@ -125,6 +135,8 @@ async def publish_atomic(
     """
     if not messages:
         return []
+    for subject, data, _ in messages:
+        _check_size(nc, subject, data)
     batch_id = uuid.uuid4().hex
     last = len(messages) - 1
     for index, (subject, data, headers) in enumerate(messages):

@@ -32,7 +32,7 @@ from ..naming import (
 from ..runtime import Component, ComponentFailed, Event, RejectedByComponent
 from ..store.deadletters import DeadLetters
 from ..store.events import EventLog, LoggedEvent
-from ..store.jetstream import WrongLastSequence
+from ..store.jetstream import PayloadTooLarge, WrongLastSequence
 from ..store.results import ResultStore
 from ..store.state import StateStore
 from ..wire import (
@@ -220,6 +220,8 @@ class AggregateWorker:
             except WrongLastSequence:
                 self._logger.debug("append conflict; deciding again", key=command.key, command_seq=seq)
                 continue  # someone appended first: decide again on the newer state
+            except PayloadTooLarge as exc:
+                raise ComponentFailed(f"component returned an event too large to store: {exc}") from None
             await self._store(command.key, value, seqs[-1], current.revision)
             return self._accepted(command, [e.type for e in cloud_events])
         raise ComponentFailed(f"gave up after {MAX_CONFLICT_RETRIES} concurrent-append conflicts")

@@ -27,7 +27,7 @@ from ..naming import (
 )
 from ..runtime import Component, ComponentFailed, OutputCommand, RejectedByComponent
 from ..store.deadletters import DeadLetters
-from ..store.jetstream import publish
+from ..store.jetstream import PayloadTooLarge, publish
 from ..store.state import StateStore
 from .base import ConsumerSpec, Poison, Retry, Settler, delivered_event, to_component_event
 
@@ -79,8 +79,11 @@ class ProcessManagerWorker:
         except (RejectedByComponent, ComponentFailed) as exc:
             raise Retry(f"process manager failed on {event.event_type}: {exc}") from None
         outgoing = [_command_body(c) for c in ack.commands]  # all valid before any is sent
-        for index, (aggregate, body) in enumerate(outgoing):
-            await self._send(aggregate, body, f"pm:{self.interest.name}:{event.seq}:{index}", logger)
+        try:
+            for index, (aggregate, body) in enumerate(outgoing):
+                await self._send(aggregate, body, f"pm:{self.interest.name}:{event.seq}:{index}", logger)
+        except PayloadTooLarge as exc:
+            raise Retry(f"process manager returned a command too large to send: {exc}") from None
         await self._states.save(state_key, ack.state, event.seq, stored.revision)
         logger.info("process advanced", commands=len(ack.commands), ended=ack.state is None)
 

@@ -23,6 +23,7 @@ from ..naming import (
 from ..runtime import Component, ComponentFailed, Event, HandlerEffects, RejectedByComponent
 from ..store.deadletters import DeadLetters
 from ..store.events import EventLog
+from ..store.jetstream import PayloadTooLarge
 from ..store.readmodel import ReadModel, is_valid_key
 from ..wire import BadMessage, new_event
 from .base import ConsumerSpec, Retry, Settler, delivered_event, to_component_event
@@ -98,8 +99,11 @@ class StatelessWorker:
         invalid = [k for k in effects.puts if not is_valid_key(k)]
         if invalid:
             raise Retry(f"handler wrote read-model keys that are not valid KV keys: {invalid}")
-        for index, (key, cloud) in enumerate(outgoing):
-            msg_id = f"{self.interest.consumer_name}:{event.seq}:{index}"
-            await self._events.publish_one(cloud, key, msg_id, causation=f"event:{event.seq}")
-        await self._read_model.apply(effects.puts, event.seq, revision)
+        try:
+            for index, (key, cloud) in enumerate(outgoing):
+                msg_id = f"{self.interest.consumer_name}:{event.seq}:{index}"
+                await self._events.publish_one(cloud, key, msg_id, causation=f"event:{event.seq}")
+            await self._read_model.apply(effects.puts, event.seq, revision)
+        except PayloadTooLarge as exc:
+            raise Retry(f"handler produced a message too large to store: {exc}") from None
         logger.debug("event handled", writes=len(effects.puts), published=len(effects.published))

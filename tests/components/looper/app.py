@@ -45,6 +45,8 @@ class WitWorld(wit_world.WitWorld):
             return [Event(event_type="counted", stream="looper", payload="not json")]
         if command.command_type == "wrong_stream":
             return [Event(event_type="counted", stream="bankaccount", payload="{}")]
+        if command.command_type == "huge":
+            return [Event(event_type="counted", stream="looper", payload=json.dumps({"blob": "x" * 2_000_000}))]
         if command.command_type == "count":
             return [Event(event_type="counted", stream="looper", payload="{}")]
         raise Err(f"unknown command {command.command_type}")
