@@ -61,6 +61,7 @@ def up(
     state_dir: Path = typer.Option(Path(".concordance"), envvar="CONCORDANCE_STATE_DIR",
                                    help="where the embedded NATS server keeps its data"),
     port: int = typer.Option(4222, help="port of the embedded NATS server (loopback only)"),
+    health_port: Optional[int] = typer.Option(None, help="serve GET /health on this loopback port"),
     log_level: str = typer.Option("info"),
     log_format: str = typer.Option("auto", help="auto, json or console"),
 ) -> None:
@@ -81,7 +82,7 @@ def up(
     options = NatsOptions(url=nats_url, user=user, password=password, token=token,
                           creds_file=creds, tls_ca=tls_ca, js_domain=js_domain)
     try:
-        asyncio.run(_serve(Daemon(app_manifest, options), server))
+        asyncio.run(_serve(Daemon(app_manifest, options, health_port=health_port), server))
     except (ComponentLoadError, IncompatibleStream, DaemonFailed) as exc:
         _fail(str(exc))
     except OSError as exc:

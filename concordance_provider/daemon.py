@@ -13,6 +13,8 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from .config import NatsOptions
+from .health import Health
+from .health import serve as serve_health
 from .links import Role
 from .manifest import ComponentSpec, Manifest
 from .runtime import Component
@@ -76,7 +78,9 @@ class Daemon:
     manifest: Manifest
     nats_options: NatsOptions
     cache_dir: Path | None = None
+    health_port: int | None = None
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    health: Health = field(default_factory=Health)
     _failures: list[str] = field(default_factory=list)
 
     async def _connect(self) -> tuple[NATS, JetStreamContext]:
@@ -97,8 +101,18 @@ class Daemon:
         return await load_component(spec, self.cache_dir)
 
     async def run(self) -> None:
+        endpoint = await serve_health(self.health, self.health_port) if self.health_port else None
+        try:
+            await self._run()
+        finally:
+            if endpoint is not None:
+                endpoint.close()
+
+    async def _run(self) -> None:
         components = await asyncio.gather(*(self._load(s) for s in self.manifest.components))
         nc, js = await self._connect()
+        self.health.nc = nc
+        probe = asyncio.create_task(self.health.probe(self.stopping))
         try:
             await ensure_all(js)
             loops = await self._build(nc, js, list(zip(self.manifest.components, components)))
@@ -116,6 +130,7 @@ class Daemon:
             await router.stop()
             await asyncio.gather(*tasks, return_exceptions=True)
         finally:
+            probe.cancel()
             await asyncio.gather(*(c.close() for c in components))
             try:
                 await nc.drain()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
@@ -80,3 +81,42 @@ async def test_embedded_server_is_restarted_when_it_dies(example_components, tmp
         await _all_done(url, seqs)
     finally:
         assert process.stop() == 0
+
+
+def _health(port: int) -> tuple[int, dict]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+async def test_health_is_unhealthy_while_nats_is_away(example_components, tmp_path):
+    server = EmbeddedNatsServer(tmp_path / "nats", free_port(), name="health")
+    health_port = free_port()
+    server.start()
+    try:
+        with daemon(MANIFEST, tmp_path / "d.log", "--nats-url", server.url, "--health-port", str(health_port)) as process:
+            assert await _until_health(health_port, 200)
+            server.stop()
+            status, report = await _until_health(health_port, 503)
+            assert report["healthy"] is False and "NATS" in report["message"]
+            assert process.process.poll() is None
+            server.start()
+            status, report = await _until_health(health_port, 200)
+            assert report == {"healthy": True, "message": None}
+    finally:
+        server.stop()
+
+
+async def _until_health(port: int, wanted: int, timeout: float = 30) -> tuple[int, dict]:
+    deadline = time.monotonic() + timeout
+    while True:
+        status, report = await asyncio.to_thread(_health, port)
+        if status == wanted or time.monotonic() > deadline:
+            assert status == wanted, report
+            return status, report
+        await asyncio.sleep(0.3)
