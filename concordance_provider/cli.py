@@ -31,7 +31,15 @@ from .maintenance import (
 )
 from .logging import configure
 from .manifest import ManifestError, load_manifest
-from .naming import COMMANDS_STREAM, DEADLETTER_PREFIX, DEADLETTER_STREAM, RESULTS_BUCKET, command_subject
+from .naming import (
+    COMMANDS_STREAM,
+    DEADLETTER_PREFIX,
+    DEADLETTER_STREAM,
+    RESULTS_BUCKET,
+    RETRY_FOR,
+    command_subject,
+    retry_subject,
+)
 from .nats_server import EmbeddedNatsServer, NatsServerError
 from .runtime.wasmtime_host import ComponentLoadError
 from .store.deadletters import DeadLetters
@@ -271,23 +279,32 @@ def deadletters_show(seq: int, nats_url: str = NATS_URL) -> None:
 
 @deadletters.command("retry")
 def deadletters_retry(seq: int, nats_url: str = NATS_URL) -> None:
-    """Send a dead command back to its original subject, exactly once, and remove the dead letter."""
+    """Send a dead message again, exactly once, and remove the dead letter.
+
+    A command goes back to its subject. An event goes back to its subject with the suffix
+    `.retry`, for the one consumer that failed it: other handlers skip it, aggregates never fold it.
+    """
     async def work(nc, store):  # type: ignore[no-untyped-def]
         letter = await store.get(seq)
         if letter is None:
             raise RetryRefused(f"no dead letter {seq}")
+        if letter.consumer.startswith("AGG_EVT_"):
+            raise RetryRefused(f"dead letter {seq} is aggregate state catch-up: run concordance rebuild instead")
+        headers = {"Nats-Msg-Id": f"retry:{seq}"}
+        subject = letter.subject
         if letter.stream != COMMANDS_STREAM:
-            raise RetryRefused(f"dead letter {seq} is an event of {letter.consumer}; only commands can be "
-                               f"retried so far")
-        new_seq = await publish(nc, letter.subject, letter.body, {"Nats-Msg-Id": f"retry:{seq}"})
+            subject = retry_subject(letter.subject) if not letter.subject.endswith(".retry") else letter.subject
+            kept = {k: v for k, v in letter.headers.items() if not k.startswith("Nats-")}
+            headers = {**kept, **headers, RETRY_FOR: letter.consumer}
+        new_seq = await publish(nc, subject, letter.body, headers)
         await store.remove(nc.jetstream(), seq)
-        return new_seq
+        return subject, new_seq
 
     try:
-        new_seq = asyncio.run(_with_store(nats_url, work))
+        subject, new_seq = asyncio.run(_with_store(nats_url, work))
     except RetryRefused as exc:
         _fail(str(exc))
-    typer.echo(f"dead letter {seq} sent again as command {new_seq}")
+    typer.echo(f"dead letter {seq} sent again on {subject} as {new_seq}")
 
 
 @deadletters.command("purge")

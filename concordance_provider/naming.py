@@ -68,9 +68,21 @@ def instance_filter(stream: str, key: str) -> str:
     return f"{EVENT_PREFIX}.*.{stream}.{key}"
 
 
+RETRY_SUFFIX = "retry"
+RETRY_FOR = "Concordance-Retry-For"  # header: the one consumer a retried event is meant for
+
+
+def retry_subject(subject: str) -> str:
+    """Where a dead event is sent again: its handlers' filters (``cc.events.{type}.>``) match it,
+    the aggregate stream and instance filters (exactly five tokens) do not."""
+    return f"{subject}.{RETRY_SUFFIX}"
+
+
 def parse_event_subject(subject: str) -> tuple[str, str, str]:
-    """``cc.events.{type}.{stream}.{key}`` -> (type, stream, key)."""
+    """``cc.events.{type}.{stream}.{key}`` (or its retry form) -> (type, stream, key)."""
     parts = subject.split(".")
+    if len(parts) == 6 and parts[5] == RETRY_SUFFIX:
+        parts = parts[:5]
     if len(parts) != 5 or f"{parts[0]}.{parts[1]}" != EVENT_PREFIX or not all(parts):
         raise InvalidName(f"not an event subject: {subject!r}")
     return parts[2], parts[3], parts[4]

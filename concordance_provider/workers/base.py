@@ -23,7 +23,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
-from ..naming import InvalidName
+from ..naming import RETRY_FOR, InvalidName
 from ..runtime import Event
 from ..store.deadletters import DeadLetter, DeadLetters
 from ..store.events import LoggedEvent
@@ -84,6 +84,12 @@ class KeyedLocks:
             self._users[key] -= 1
             if not self._users[key]:
                 del self._users[key], self._locks[key]
+
+
+def meant_for_another(msg: Msg, consumer: str) -> bool:
+    """A retried dead event is delivered to every handler of its type; only one should act."""
+    target = (msg.headers or {}).get(RETRY_FOR)
+    return target is not None and target != consumer
 
 
 def delivered_event(msg: Msg) -> LoggedEvent:

@@ -29,7 +29,15 @@ from ..runtime import Component, ComponentFailed, OutputCommand, RejectedByCompo
 from ..store.deadletters import DeadLetters
 from ..store.jetstream import PayloadTooLarge, publish
 from ..store.state import StateStore
-from .base import ConsumerSpec, Poison, Retry, Settler, delivered_event, to_component_event
+from .base import (
+    ConsumerSpec,
+    Poison,
+    Retry,
+    Settler,
+    delivered_event,
+    meant_for_another,
+    to_component_event,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -57,6 +65,8 @@ class ProcessManagerWorker:
             await self._settle(msg, self.on_event)
 
     async def on_event(self, msg: Msg) -> None:
+        if meant_for_another(msg, self.interest.consumer_name):
+            return
         event = delivered_event(msg)
         logger = self._logger.bind(event_seq=event.seq, event_type=event.event_type)
         data = event.cloud_event.data

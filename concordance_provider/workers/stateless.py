@@ -26,7 +26,7 @@ from ..store.events import EventLog
 from ..store.jetstream import PayloadTooLarge
 from ..store.readmodel import ReadModel, is_valid_key
 from ..wire import BadMessage, new_event
-from .base import ConsumerSpec, Retry, Settler, delivered_event, to_component_event
+from .base import ConsumerSpec, Retry, Settler, delivered_event, meant_for_another, to_component_event
 
 log = structlog.get_logger(__name__)
 
@@ -76,6 +76,8 @@ class StatelessWorker:
         return None
 
     async def on_event(self, msg: Msg) -> None:
+        if meant_for_another(msg, self.interest.consumer_name):
+            return
         event = delivered_event(msg)
         logger = self._logger.bind(event_seq=event.seq, event_type=event.event_type, key=event.key)
         applied, revision = await self._read_model.checkpoint()
