@@ -19,6 +19,7 @@ from .build import BuildError, build_component
 from .config import NatsOptions
 from .daemon import Daemon, DaemonFailed, load_component
 from .links import Role
+from .logging import configure
 from .maintenance import (
     MaintenanceError,
     ReplayStart,
@@ -29,7 +30,6 @@ from .maintenance import (
     reset_handler,
     wait_drained,
 )
-from .logging import configure
 from .manifest import ManifestError, load_manifest
 from .naming import (
     COMMANDS_STREAM,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable
 from pathlib import Path
+from typing import Awaitable, Callable
 
 import nats
 import structlog

@@ -20,6 +20,7 @@ DEFAULT_BATCH = 200
 DEFAULT_CALL_TIMEOUT_MS = 10_000
 DEFAULT_MEMORY_MB = 256
 DEFAULT_MAX_DELIVERIES = 5
+DEFAULT_ACK_WAIT_MS = 30_000
 
 
 class LinkError(ValueError):
@@ -60,6 +61,7 @@ class Interest(BaseModel):
     call_timeout_ms: int = Field(default=DEFAULT_CALL_TIMEOUT_MS, ge=1)
     max_memory_mb: int = Field(default=DEFAULT_MEMORY_MB, ge=16)
     max_deliveries: int = Field(default=DEFAULT_MAX_DELIVERIES, ge=1)
+    ack_wait_ms: int = Field(default=DEFAULT_ACK_WAIT_MS, ge=1000)
     read_model_bucket: str | None = None
 
     @property
@@ -197,6 +199,7 @@ def parse_interest(values: Mapping[str, str]) -> Interest:
             call_timeout_ms=_positive_int(normalised, "CALL_TIMEOUT_MS", DEFAULT_CALL_TIMEOUT_MS, True),
             max_memory_mb=_positive_int(normalised, "MAX_MEMORY_MB", DEFAULT_MEMORY_MB, True),
             max_deliveries=_positive_int(normalised, "MAX_DELIVERIES", DEFAULT_MAX_DELIVERIES, True),
+            ack_wait_ms=_positive_int(normalised, "ACK_WAIT_MS", DEFAULT_ACK_WAIT_MS, True),
             read_model_bucket=check_token(bucket, "READ_MODEL_BUCKET") if bucket else None,
             **fields,
         )

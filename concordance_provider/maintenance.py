@@ -103,7 +103,9 @@ async def reset_handler(nc: NATS, interest: Interest, start: ReplayStart) -> int
 
 
 async def _first_seq_at(nc: NATS, when: datetime | None) -> int:
-    from .store.jetstream import direct_get  # one message: the first at or after ``when``
+    from .store.jetstream import (
+        direct_get,  # one message: the first at or after ``when``
+    )
 
     msg = await direct_get(nc, EVENTS_STREAM, start_time=when.isoformat() if when else None)
     return msg.seq if msg else 1

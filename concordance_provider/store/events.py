@@ -8,7 +8,14 @@ import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from ..naming import EVENTS_STREAM, InvalidName, event_subject, instance_filter, parse_event_subject, stream_filter
+from ..naming import (
+    EVENTS_STREAM,
+    InvalidName,
+    event_subject,
+    instance_filter,
+    parse_event_subject,
+    stream_filter,
+)
 from ..wire import BadMessage, CloudEvent, parse_event
 from .jetstream import StoredMessage, direct_get, publish, publish_atomic, read_all
 

@@ -22,7 +22,6 @@ from ..naming import (
     RESULTS_BUCKET,
     STATE_BUCKET,
 )
-
 from .deadletters import deadletter_config
 
 log = structlog.get_logger(__name__)

@@ -50,6 +50,7 @@ from .base import (
     Poison,
     Retry,
     Settler,
+    consumer_for,
     delivered_event,
     dispatch_by_key,
     to_component_event,
@@ -92,12 +93,11 @@ class AggregateWorker:
     # -- consumers -----------------------------------------------------------------------------
 
     def command_consumer(self) -> ConsumerSpec:
-        return ConsumerSpec(COMMANDS_STREAM, f"AGG_CMD_{self.interest.name}",
-                            (command_subject(self.interest.name),), self.interest.max_messages_per_batch)
+        return consumer_for(self.interest, COMMANDS_STREAM, f"AGG_CMD_{self.interest.name}",
+                            (command_subject(self.interest.name),))
 
     def event_consumer(self) -> ConsumerSpec:
-        return ConsumerSpec(EVENTS_STREAM, self.interest.consumer_name,
-                            (stream_filter(self.stream),), self.interest.max_messages_per_batch)
+        return consumer_for(self.interest, EVENTS_STREAM, self.interest.consumer_name, (stream_filter(self.stream),))
 
     async def dispatch_commands(self, batch: list[Msg]) -> None:
         await dispatch_by_key(batch, _command_key, lambda m: self._settle_command(m, self.on_command),

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections import defaultdict
 from contextlib import asynccontextmanager
-import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable, Hashable
 
@@ -23,6 +23,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
+from ..links import Interest
 from ..naming import RETRY_FOR, InvalidName
 from ..runtime import Event
 from ..store.deadletters import DeadLetter, DeadLetters
@@ -31,7 +32,6 @@ from ..wire import BadMessage
 
 log = structlog.get_logger(__name__)
 
-ACK_WAIT_SECONDS = 30.0
 BACKOFF_SECONDS = (1, 2, 5, 10, 30, 60)
 ORDER_WAIT_SECONDS = 0.5
 
@@ -51,6 +51,7 @@ class ConsumerSpec:
     filter_subjects: tuple[str, ...]
     batch: int
     max_ack_pending: int = 1000
+    ack_wait: float = 30.0  # seconds
 
     def config(self) -> ConsumerConfig:
         filters = list(self.filter_subjects)
@@ -58,12 +59,19 @@ class ConsumerSpec:
             durable_name=self.durable,
             deliver_policy=DeliverPolicy.ALL,
             ack_policy=AckPolicy.EXPLICIT,
-            ack_wait=ACK_WAIT_SECONDS,
+            ack_wait=self.ack_wait,
             max_deliver=-1,
             max_ack_pending=self.max_ack_pending,
             filter_subject=filters[0] if len(filters) == 1 else None,
             filter_subjects=filters if len(filters) > 1 else None,
         )
+
+
+def consumer_for(interest: Interest, stream: str, durable: str, filters: tuple[str, ...],
+                 max_ack_pending: int = 1000) -> ConsumerSpec:
+    """A consumer configured by the link's values (batch size, ack wait)."""
+    return ConsumerSpec(stream, durable, filters, interest.max_messages_per_batch, max_ack_pending,
+                        interest.ack_wait_ms / 1000)
 
 
 class KeyedLocks:
@@ -108,11 +116,11 @@ def backoff(num_delivered: int) -> float:
     return float(BACKOFF_SECONDS[min(num_delivered, len(BACKOFF_SECONDS)) - 1])
 
 
-async def _keep_alive(batch: list[Msg]) -> None:
+async def _keep_alive(batch: list[Msg], ack_wait: float) -> None:
     """Tell the server every fetched message is being worked on, including those still queued
     behind others of their key, so none is redelivered to another daemon meanwhile."""
     while True:
-        await asyncio.sleep(ACK_WAIT_SECONDS / 3)
+        await asyncio.sleep(ack_wait / 3)
         for msg in batch:
             try:
                 await msg.in_progress()  # a no-op for messages already settled
@@ -223,7 +231,7 @@ class ConsumerLoop:
                     self._log.warning("fetch failed", error=str(exc))
                     await asyncio.sleep(1.0)
                     continue
-                keeper = asyncio.create_task(_keep_alive(batch))
+                keeper = asyncio.create_task(_keep_alive(batch, self.spec.ack_wait))
                 try:
                     await self._dispatch(batch)
                 except Exception as exc:  # a bug must not silently stop this consumer

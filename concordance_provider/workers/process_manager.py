@@ -34,6 +34,7 @@ from .base import (
     Poison,
     Retry,
     Settler,
+    consumer_for,
     delivered_event,
     meant_for_another,
     to_component_event,
@@ -57,8 +58,7 @@ class ProcessManagerWorker:
 
     def consumer(self) -> ConsumerSpec:
         filters = tuple(event_type_filter(t) for t in self._lifetime.event_types())
-        return ConsumerSpec(EVENTS_STREAM, self.interest.consumer_name, filters,
-                            self.interest.max_messages_per_batch, max_ack_pending=1)
+        return consumer_for(self.interest, EVENTS_STREAM, self.interest.consumer_name, filters, max_ack_pending=1)
 
     async def dispatch(self, batch: list[Msg]) -> None:
         for msg in batch:

@@ -20,13 +20,27 @@ from ..naming import (
     event_type_filter,
     snake_case,
 )
-from ..runtime import Component, ComponentFailed, Event, HandlerEffects, RejectedByComponent
+from ..runtime import (
+    Component,
+    ComponentFailed,
+    Event,
+    HandlerEffects,
+    RejectedByComponent,
+)
 from ..store.deadletters import DeadLetters
 from ..store.events import EventLog
 from ..store.jetstream import PayloadTooLarge
 from ..store.readmodel import ReadModel, is_valid_key
 from ..wire import BadMessage, new_event
-from .base import ConsumerSpec, Retry, Settler, delivered_event, meant_for_another, to_component_event
+from .base import (
+    ConsumerSpec,
+    Retry,
+    Settler,
+    consumer_for,
+    delivered_event,
+    meant_for_another,
+    to_component_event,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -55,8 +69,7 @@ class StatelessWorker:
     @staticmethod
     def consumer_spec(interest: Interest) -> ConsumerSpec:
         filters = tuple(event_type_filter(t) for t in interest.event_types)
-        return ConsumerSpec(EVENTS_STREAM, interest.consumer_name, filters,
-                            interest.max_messages_per_batch, max_ack_pending=1)
+        return consumer_for(interest, EVENTS_STREAM, interest.consumer_name, filters, max_ack_pending=1)
 
     async def dispatch(self, batch: list[Msg]) -> None:
         for msg in batch:

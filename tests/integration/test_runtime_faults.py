@@ -151,6 +151,18 @@ async def test_malformed_events_from_a_component_append_nothing(looper_component
             assert (await nc.jetstream().stream_info("CC_EVENTS")).state.messages == 0
 
 
+async def test_a_long_call_is_not_redelivered_while_it_runs(looper_component, tmp_path):
+    manifest = tmp_path / "app.yaml"
+    manifest.write_text((MANIFEST % looper_component).replace('CALL_TIMEOUT_MS: "300"', 'CALL_TIMEOUT_MS: "20000", ACK_WAIT_MS: "1000"'))
+    with nats_server(tmp_path) as server, daemon(manifest, tmp_path / "d.log", "--nats-url", server.url):
+        async with client(server.url) as nc:
+            seq = await send(nc, "looper", {"command_type": "busy", "key": "B1", "data": {"seconds": 4}})
+            assert (await result(nc, seq, timeout=60))["status"] == "accepted"
+            info = await nc.jetstream().consumer_info("CC_COMMANDS", "AGG_CMD_looper")
+            assert info.config.ack_wait == 1.0 and info.num_redelivered == 0
+            assert (await kv_json(nc, "CC_STATE", "agg.looper.B1")) == {"count": 1}
+
+
 def _cli(*args: str, ok: bool = True) -> str:
     done = subprocess.run([sys.executable, "-m", "concordance_provider.cli", *args],
                           capture_output=True, text=True, timeout=60)

@@ -1,13 +1,14 @@
 """A misbehaving aggregate, written against interface/ alone: it spins, traps, or counts.
 
 Commands: `spin` loops forever; `crash` raises (a trap); `hog` allocates without bound;
-`count` emits `counted`; `bad_type`, `bad_payload` and `wrong_stream` emit malformed events; `probe` tries to reach outside its sandbox (a file, a socket, the
+`count` emits `counted`; `busy` works for {"seconds": n} first; `bad_type`, `bad_payload` and `wrong_stream` emit malformed events; `probe` tries to reach outside its sandbox (a file, a socket, the
 environment) and reports what happened in a `probed` event. State is {"count": n}.
 """
 
 import json
 import os
 import socket
+import time
 
 import wit_world
 from componentize_py_types import Err
@@ -45,6 +46,11 @@ class WitWorld(wit_world.WitWorld):
             return [Event(event_type="counted", stream="looper", payload="not json")]
         if command.command_type == "wrong_stream":
             return [Event(event_type="counted", stream="bankaccount", payload="{}")]
+        if command.command_type == "busy":
+            started = time.monotonic()
+            while time.monotonic() - started < json.loads(command.payload)["seconds"]:
+                pass
+            return [Event(event_type="counted", stream="looper", payload="{}")]
         if command.command_type == "huge":
             return [Event(event_type="counted", stream="looper", payload=json.dumps({"blob": "x" * 2_000_000}))]
         if command.command_type == "count":
