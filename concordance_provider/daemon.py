@@ -116,7 +116,8 @@ class Daemon:
         try:
             await ensure_all(js)
             loops = await self._build(nc, js, list(zip(self.manifest.components, components)))
-            router = UnroutedCommands(nc, js, ResultStore(js))
+            served = frozenset(s.interest.name for s in self.manifest.components if s.interest.role is Role.AGGREGATE)
+            router = UnroutedCommands(nc, js, ResultStore(js), served)
             for loop in loops:
                 await loop.ensure()
             await router.start()

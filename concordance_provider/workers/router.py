@@ -25,10 +25,12 @@ SETTLE_SECONDS = 0.2  # let the stream store the command before looking for it
 
 
 class UnroutedCommands:
-    def __init__(self, nc: NATS, js: JetStreamContext, results: ResultStore) -> None:
+    def __init__(self, nc: NATS, js: JetStreamContext, results: ResultStore,
+                 served: frozenset[str] = frozenset()) -> None:
         self._nc = nc
         self._js = js
         self._results = results
+        self._served = served  # aggregates this daemon handles: nothing to check
         self._pending: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -42,7 +44,7 @@ class UnroutedCommands:
         self._schedule(msg.subject.split(".", 2)[2])
 
     def _schedule(self, aggregate: str) -> None:
-        if aggregate in self._pending:
+        if aggregate in self._pending or aggregate in self._served:
             return
         self._pending.add(aggregate)
         task = asyncio.create_task(self._sweep(aggregate))
