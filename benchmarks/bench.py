@@ -411,7 +411,7 @@ def run(opts: Options) -> int:
 def parse_args(argv: list[str] | None = None) -> Options:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--raw-messages", type=int, default=2000, help="messages for the raw baseline")
+    parser.add_argument("--raw-messages", type=int, default=20000, help="messages for the raw baseline")
     parser.add_argument("--commands", type=int, default=2000, help="deposits over --keys accounts")
     parser.add_argument("--keys", type=int, default=50, help="accounts for the multi-key run")
     parser.add_argument("--single-key-commands", type=int, default=300, help="deposits on one account")
