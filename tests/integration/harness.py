@@ -121,6 +121,16 @@ async def kv_json(nc: NATS, bucket: str, key: str) -> Any:
     return json.loads(entry.value) if entry.value else None
 
 
+async def ledger(nc: NATS, account: str) -> list[dict[str, Any]]:
+    """The projector's ledger of one account, in order."""
+    kv = await nc.jetstream().key_value("CC_RM_bankaccount_projector")
+    try:
+        keys = sorted(k for k in await kv.keys() if k.startswith(f"ledger.{account}."))
+    except nats.js.errors.NoKeysError:
+        return []
+    return [json.loads((await kv.get(k)).value) for k in keys]
+
+
 async def eventually(probe, expected: Any, timeout: float = 30.0) -> Any:
     """Poll ``probe()`` until it returns ``expected`` (or a value ``expected`` accepts, if it is
     callable); return the last value seen."""

@@ -16,6 +16,7 @@ from .harness import (
     events_of_stream,
     eventually,
     kv_json,
+    ledger,
     nats_server,
     result,
     send,
@@ -56,8 +57,8 @@ async def test_original_scenario_ends_at_6000(bank):
         projected = await eventually(
             lambda: _projected_balance(nc, "ABC123"), 6000)
         assert projected == 6000
-        ledger = await kv_json(nc, "CC_RM_bankaccount_projector", "ledger.ABC123")
-        assert [entry["event"] for entry in ledger] == [
+        entries = await ledger(nc, "ABC123")
+        assert [entry["event"] for entry in entries] == [
             "account_created", "funds_deposited", "funds_deposited", "funds_withdrawn"]
 
 

@@ -1,8 +1,10 @@
 """The bank account projector: balances and a ledger per account, in a queryable read model.
 
 Read model keys (NATS KV bucket CC_RM_bankaccount_projector):
-  balance.{accountNumber} -> {"accountNumber", "customerId", "balance", "reserved"}
-  ledger.{accountNumber}  -> [{"event", "amount", "note", "balance"}, ...]
+  balance.{accountNumber}        -> {"accountNumber", "customerId", "balance", "reserved", "entries"}
+  ledger.{accountNumber}.{n}     -> {"event", "amount", "note", "balance"}, n = 000001, 000002, ...
+
+One ledger entry per key keeps the cost of an event constant however long the history grows.
 """
 
 import json
@@ -33,7 +35,7 @@ class WitWorld(wit_world.WitWorld):
         balance = _load(f"balance.{account}", None)
         if event.event_type == "account_created":
             balance = {"accountNumber": account, "customerId": data.get("customerId"),
-                       "balance": data.get("initialBalance", 0), "reserved": 0}
+                       "balance": data.get("initialBalance", 0), "reserved": 0, "entries": 0}
             amount = balance["balance"]
         elif balance is None:
             raise Err(f"{event.event_type} for unknown account {account}")
@@ -52,8 +54,8 @@ class WitWorld(wit_world.WitWorld):
             balance["balance"] += amount
         else:
             return
+        balance["entries"] += 1
         read_model.put(f"balance.{account}", json.dumps(balance))
-        ledger = _load(f"ledger.{account}", [])
-        ledger.append({"event": event.event_type, "amount": amount,
-                       "note": data.get("note", ""), "balance": balance["balance"]})
-        read_model.put(f"ledger.{account}", json.dumps(ledger))
+        entry = {"event": event.event_type, "amount": amount, "note": data.get("note", ""),
+                 "balance": balance["balance"]}
+        read_model.put(f"ledger.{account}.{balance['entries']:06d}", json.dumps(entry))
