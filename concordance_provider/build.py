@@ -29,11 +29,12 @@ def interface_dir() -> Path:
 
 def inputs_digest(source_dir: Path, world: str, wit_dir: Path) -> str:
     digest = hashlib.sha256(f"{world}:{version('componentize-py')}".encode())
-    for path in sorted([*source_dir.rglob("*.py"), *wit_dir.rglob("*.wit")]):
-        if "__pycache__" in path.parts:
-            continue
-        digest.update(str(path.relative_to(path.parents[1])).encode())
-        digest.update(path.read_bytes())
+    for root, pattern in ((source_dir.resolve(), "*.py"), (wit_dir.resolve(), "*.wit")):
+        for path in sorted(root.rglob(pattern)):
+            if "__pycache__" in path.parts:
+                continue
+            digest.update(f"{pattern}:{path.relative_to(root)}".encode())  # the same from any cwd
+            digest.update(path.read_bytes())
     return digest.hexdigest()
 
 
