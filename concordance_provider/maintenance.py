@@ -9,14 +9,16 @@ from typing import Callable
 
 import structlog
 from nats.aio.client import Client as NATS
-from nats.js.api import AckPolicy, DeliverPolicy
+from nats.js.api import DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from .links import Interest, Role
 from .manifest import ComponentSpec, Manifest
 from .naming import EVENTS_STREAM
+from .runtime import Component
 from .store.deadletters import DeadLetters
 from .store.events import EventLog
+from .store.jetstream import direct_get
 from .store.readmodel import ReadModel
 from .store.results import ResultStore
 from .store.state import StateStore
@@ -57,7 +59,7 @@ async def rebuild_state(nc: NATS, worker: AggregateWorker, key: str | None,
     return len(keys)
 
 
-def aggregate_worker(nc: NATS, interest: Interest, component) -> AggregateWorker:  # type: ignore[no-untyped-def]
+def aggregate_worker(nc: NATS, interest: Interest, component: Component) -> AggregateWorker:
     js = nc.jetstream()
     return AggregateWorker(interest, component, EventLog(nc), StateStore(nc), ResultStore(js), DeadLetters(nc))
 
@@ -97,16 +99,12 @@ async def reset_handler(nc: NATS, interest: Interest, start: ReplayStart) -> int
         config.deliver_policy, config.opt_start_seq = DeliverPolicy.BY_START_SEQUENCE, start.seq
     elif start.time is not None:
         config.deliver_policy, config.opt_start_time = DeliverPolicy.BY_START_TIME, start.time.isoformat()
-    config.ack_policy = AckPolicy.EXPLICIT
     info = await js.add_consumer(EVENTS_STREAM, config)
     return info.num_pending
 
 
 async def _first_seq_at(nc: NATS, when: datetime | None) -> int:
-    from .store.jetstream import (
-        direct_get,  # one message: the first at or after ``when``
-    )
-
+    """The first event stored at or after ``when``."""
     msg = await direct_get(nc, EVENTS_STREAM, start_time=when.isoformat() if when else None)
     return msg.seq if msg else 1
 

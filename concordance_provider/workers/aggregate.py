@@ -114,13 +114,16 @@ class AggregateWorker:
         stored = await self._states.load(aggregate_state_key(self.interest.name, key))
         pending: list[LoggedEvent] = []
         # one cheap lookup in the common case; the batch read only when state is behind
-        if await self._log_store.last_seq(self.stream, key) > stored.event_seq:
+        log_last = await self._log_store.last_seq(self.stream, key)
+        if log_last > stored.event_seq:
             pending = await self._log_store.read(self.stream, key, after_seq=stored.event_seq)
         value = stored.value
         for event in pending:
             value = await self._component.apply_event(to_component_event(event), value)
-        last = pending[-1].seq if pending else stored.event_seq
-        return CurrentState(value, last, stored.revision, bool(pending))
+        # the guard for the next append is the instance's last message, even one left out of the
+        # fold for not being an event
+        last = max(log_last, stored.event_seq, pending[-1].seq if pending else 0)
+        return CurrentState(value, last, stored.revision, last > stored.event_seq)
 
     async def rebuild(self, key: str) -> str | None:
         """Recompute the instance's state from its whole event log and store it."""
@@ -128,12 +131,14 @@ class AggregateWorker:
             for _attempt in range(MAX_CONFLICT_RETRIES):
                 stored = await self._states.load(aggregate_state_key(self.interest.name, key))
                 value = None
+                log_last = await self._log_store.last_seq(self.stream, key)
                 events = await self._log_store.read(self.stream, key)
                 for event in events:
                     value = await self._component.apply_event(to_component_event(event), value)
                 try:
-                    await self._states.save(aggregate_state_key(self.interest.name, key), value,
-                                            events[-1].seq if events else 0, stored.revision)
+                    last = max(log_last, events[-1].seq if events else 0)
+                    await self._states.save(aggregate_state_key(self.interest.name, key), value, last,
+                                            stored.revision)
                     return value
                 except WrongLastSequence:
                     continue  # a command landed meanwhile: fold again

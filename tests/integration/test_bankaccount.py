@@ -144,6 +144,17 @@ async def test_foreign_or_keyless_events_become_dead_letters(bank):
     assert process.process.poll() is None
 
 
+async def test_garbage_on_an_instance_subject_does_not_break_the_instance(bank):
+    url, _ = bank
+    async with client(url) as nc:
+        await result(nc, await send(nc, "bankaccount", _account("JUNK1", 10)))
+        await nc.jetstream().publish("cc.events.funds_deposited.bankaccount.JUNK1", b"junk")
+        deposit = {"command_type": "deposit_funds", "key": "JUNK1",
+                   "data": {"accountNumber": "JUNK1", "amount": 5, "customerId": "C1"}}
+        assert (await result(nc, await send(nc, "bankaccount", deposit)))["status"] == "accepted"
+        assert (await kv_json(nc, "CC_STATE", "agg.bankaccount.JUNK1"))["balance"] == 15
+
+
 async def test_command_for_unknown_aggregate_is_answered(bank):
     url, _ = bank
     async with client(url) as nc:
