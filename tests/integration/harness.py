@@ -19,6 +19,18 @@ from nats.aio.client import Client as NATS
 from concordance_provider.nats_server import EmbeddedNatsServer, free_port
 
 READY_TIMEOUT = 120.0
+EXAMPLE_MANIFEST = Path(__file__).resolve().parents[2] / "examples" / "bankaccount" / "app.yaml"
+
+
+def example_manifest(folder: Path, additions: dict[str, str]) -> Path:
+    """The bank example's manifest, usable from ``folder``, with a link value added after each
+    line named in ``additions`` (e.g. ``{"NAME: bankaccount_projector": "MAX_DELIVERIES: 2"}``)."""
+    text = EXAMPLE_MANIFEST.read_text().replace("file://./build/", f"file://{EXAMPLE_MANIFEST.parent}/build/")
+    for anchor, value in additions.items():
+        text = text.replace(f"{anchor}\n", f"{anchor}\n              {value}\n")
+    path = folder / "app.yaml"
+    path.write_text(text)
+    return path
 
 
 @contextmanager

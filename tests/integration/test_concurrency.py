@@ -7,7 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from .harness import client, daemon, events, kv_json, nats_server, result, send
+from .harness import (
+    client,
+    daemon,
+    events,
+    example_manifest,
+    kv_json,
+    nats_server,
+    result,
+    send,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -17,17 +26,9 @@ AMOUNT = 75
 OPENING = 10_000  # room for 133 withdrawals of 75, not 200
 
 
-def _small_batches(tmp_path: Path) -> Path:
-    """The example manifest with small pull batches, so both daemons get commands for the key."""
-    text = MANIFEST.read_text().replace("file://./build/", f"file://{MANIFEST.parent}/build/")
-    text = text.replace("INTEREST: bankaccount\n", "INTEREST: bankaccount\n              MAX_MESSAGES_PER_BATCH: 5\n")
-    manifest = tmp_path / "app.yaml"
-    manifest.write_text(text)
-    return manifest
-
-
 async def test_200_concurrent_withdrawals_on_two_daemons_never_overdraw(example_components, tmp_path):
-    manifest = _small_batches(tmp_path)
+    # small pull batches, so both daemons get commands for the key
+    manifest = example_manifest(tmp_path, {"INTEREST: bankaccount": "MAX_MESSAGES_PER_BATCH: 5"})
     with nats_server(tmp_path) as server:
         args = ("--nats-url", server.url, "--log-level", "debug")
         with daemon(manifest, tmp_path / "a.log", *args) as first, daemon(manifest, tmp_path / "b.log", *args) as second:

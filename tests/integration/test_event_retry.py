@@ -9,23 +9,25 @@ from pathlib import Path
 
 import pytest
 
-from .harness import client, daemon, eventually, events_of_stream, kv_json, nats_server, result, send
+from .harness import (
+    client,
+    daemon,
+    events_of_stream,
+    eventually,
+    example_manifest,
+    kv_json,
+    nats_server,
+    result,
+    send,
+)
 
 pytestmark = pytest.mark.integration
 
 MANIFEST = Path(__file__).resolve().parents[2] / "examples" / "bankaccount" / "app.yaml"
 
 
-def _impatient_projector(tmp_path: Path) -> Path:
-    text = MANIFEST.read_text().replace("file://./build/", f"file://{MANIFEST.parent}/build/")
-    text = text.replace("NAME: bankaccount_projector\n", "NAME: bankaccount_projector\n              MAX_DELIVERIES: 2\n")
-    path = tmp_path / "app.yaml"
-    path.write_text(text)
-    return path
-
-
 async def test_retried_dead_event_reaches_only_its_handler(example_components, tmp_path):
-    with nats_server(tmp_path) as server, daemon(_impatient_projector(tmp_path), tmp_path / "d.log",
+    with nats_server(tmp_path) as server, daemon(example_manifest(tmp_path, {"NAME: bankaccount_projector": "MAX_DELIVERIES: 2"}), tmp_path / "d.log",
                                                  "--nats-url", server.url):
         async with client(server.url) as nc:
             # a deposit the projector cannot place: it knows no account GHOST yet

@@ -8,7 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from .harness import client, daemon, eventually, kv_json, ledger, nats_server, result, send
+from .harness import (
+    client,
+    daemon,
+    eventually,
+    kv_json,
+    ledger,
+    nats_server,
+    result,
+    send,
+)
 
 pytestmark = pytest.mark.integration
 

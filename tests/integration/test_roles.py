@@ -6,7 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from .harness import client, daemon, eventually, events, events_of_stream, nats_server, result, send
+from .harness import (
+    client,
+    daemon,
+    events,
+    events_of_stream,
+    eventually,
+    nats_server,
+    result,
+    send,
+)
 
 pytestmark = pytest.mark.integration
 

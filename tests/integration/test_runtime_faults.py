@@ -13,7 +13,11 @@ import pytest
 
 from concordance_provider.links import Role
 from concordance_provider.runtime import ComponentFailed, RejectedByComponent
-from concordance_provider.runtime.wasmtime_host import ComponentLoadError, Grants, WasmtimeComponent
+from concordance_provider.runtime.wasmtime_host import (
+    ComponentLoadError,
+    Grants,
+    WasmtimeComponent,
+)
 
 from .harness import client, daemon, kv_json, nats_server, result, send
 

@@ -15,7 +15,7 @@ import pytest
 
 from concordance_provider.nats_server import free_port, server_binary
 
-from .harness import DaemonProcess, daemon, kv_json, result, send
+from .harness import daemon, kv_json, result, send
 
 pytestmark = pytest.mark.integration
 

@@ -6,7 +6,12 @@ import os
 
 import pytest
 
-from concordance_provider.build import BuildError, build_component, inputs_digest, interface_dir
+from concordance_provider.build import (
+    BuildError,
+    build_component,
+    inputs_digest,
+    interface_dir,
+)
 
 
 def test_digest_is_the_same_from_a_relative_or_absolute_path(tmp_path, monkeypatch):
