@@ -11,6 +11,7 @@ Correct where the original was not:
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -111,10 +112,12 @@ class AggregateWorker:
 
     async def current_state(self, key: str) -> CurrentState:
         """Stored state, with any events it has not seen yet folded in."""
-        stored = await self._states.load(aggregate_state_key(self.interest.name, key))
+        # two cheap lookups at once in the common case; the batch read only when state is behind
+        stored, log_last = await asyncio.gather(
+            self._states.load(aggregate_state_key(self.interest.name, key)),
+            self._log_store.last_seq(self.stream, key),
+        )
         pending: list[LoggedEvent] = []
-        # one cheap lookup in the common case; the batch read only when state is behind
-        log_last = await self._log_store.last_seq(self.stream, key)
         if log_last > stored.event_seq:
             pending = await self._log_store.read(self.stream, key, after_seq=stored.event_seq)
         value = stored.value
