@@ -42,6 +42,7 @@ from .naming import (
 )
 from .nats_server import EmbeddedNatsServer, NatsServerError
 from .runtime.wasmtime_host import ComponentLoadError
+from .status import STATUS_SUBJECT
 from .store.deadletters import DeadLetters
 from .store.jetstream import publish
 from .store.streams import IncompatibleStream
@@ -237,6 +238,58 @@ async def _replay(url: str, interest, start: ReplayStart, wait: bool) -> None:  
                 await wait_drained(nc, interest, total, bar.update, stall_seconds=30)
     finally:
         await nc.close()
+
+
+@app.command()
+def status(
+    as_json: bool = typer.Option(False, "--json", help="every daemon's full report, as JSON"),
+    wait: float = typer.Option(1.0, help="seconds to collect answers"),
+    nats_url: str = typer.Option("nats://127.0.0.1:4222", "--nats-url"),
+) -> None:
+    """Ask every daemon that shares this NATS server how it is doing."""
+    reports = asyncio.run(_status(nats_url, wait))
+    if as_json:
+        typer.echo(json.dumps(reports, indent=2))
+        return
+    if not reports:
+        _fail(f"no daemon answered on {STATUS_SUBJECT} within {wait}s")
+    for report in reports:
+        typer.echo(_status_text(report))
+
+
+async def _status(url: str, wait: float) -> list[dict]:
+    nc = await nats.connect(url)
+    try:
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox)
+        await nc.publish(STATUS_SUBJECT, b"", reply=inbox)
+        reports = []
+        try:
+            async with asyncio.timeout(wait):
+                async for msg in sub.messages:
+                    reports.append(json.loads(msg.data))
+        except TimeoutError:
+            pass
+        return sorted(reports, key=lambda r: str(r.get("daemon")))
+    finally:
+        await nc.close()
+
+
+def _status_text(report: dict) -> str:
+    health = report.get("health", {})
+    lines = [f"daemon {report.get('daemon')} ({report.get('application')}) "
+             f"{'healthy' if health.get('healthy') else 'UNHEALTHY: ' + str(health.get('message'))}"]
+    for component in report.get("components", []):
+        latency = component.get("latency") or {}
+        lines.append(f"  component {component['name']}: {component['interest']['role']} {component['interest']['name']}"
+                     f", {component['calls']} calls, {component['failures']} failed"
+                     f", p50 {latency.get('p50_ms', '-')} ms, p99 {latency.get('p99_ms', '-')} ms")
+        lines.extend(f"    error {e['time']}: {e['error']}" for e in component.get("recent_errors", [])[-3:])
+    for consumer in report.get("consumers", []):
+        lines.append(f"  consumer {consumer['name']}: pending {consumer.get('pending', '?')}, ack pending "
+                     f"{consumer.get('ack_pending', '?')}, redelivered {consumer.get('redelivered', '?')}, "
+                     f"dead letters {consumer['dead_letters']}")
+    return "\n".join(lines)
 
 
 deadletters = typer.Typer(help="List, show, retry and purge dead letters (stream CC_DEADLETTER).",

@@ -19,6 +19,7 @@ from .links import Role
 from .manifest import ComponentSpec, Manifest
 from .runtime import Component
 from .runtime.wasmtime_host import Grants, WasmtimeComponent
+from .status import StatusReporter
 from .store.deadletters import DeadLetters
 from .store.events import EventLog
 from .store.readmodel import ReadModel
@@ -121,8 +122,11 @@ class Daemon:
             for loop in loops:
                 await loop.ensure()
             await router.start()
+            status = StatusReporter(nc, js, self.health, self.manifest.name,
+                                    list(zip(self.manifest.components, components)), loops)
+            await status.start()
             log.info("concordance ready", application=self.manifest.name, nats=self.nats_options.url,
-                     components=[s.name for s in self.manifest.components])
+                     components=[s.name for s in self.manifest.components], daemon=status.daemon_id)
             tasks = [asyncio.create_task(loop.run(self.stopping), name=loop.spec.durable) for loop in loops]
             for task in tasks:
                 task.add_done_callback(self._loop_ended)

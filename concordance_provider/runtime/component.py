@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
+from .stats import CallStats
+
 
 @dataclass(frozen=True)
 class Event:
@@ -54,6 +56,7 @@ class Component(Protocol):
     """A loaded component of one role, callable from the event loop."""
 
     name: str
+    stats: CallStats
 
     async def handle_command(
         self, aggregate: str, command_type: str, key: str, state: str | None, payload: str

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from .component import (
     ProcessManagerAck,
     RejectedByComponent,
 )
+from .stats import CallStats
 
 log = structlog.get_logger(__name__)
 
@@ -125,6 +127,7 @@ class WasmtimeComponent:
         self._funcs: dict[str, Any] = {}
         self._effects: HandlerEffects | None = None
         self._log = log.bind(component=name)
+        self.stats = CallStats()
 
     # -- loading -------------------------------------------------------------------------------
 
@@ -245,10 +248,15 @@ class WasmtimeComponent:
     async def _run(self, export: str, *args: Any, effects: HandlerEffects | None = None) -> Any:
         def call() -> Any:
             self._effects = effects
+            started, error = time.perf_counter(), None
             try:
                 return self._call(export, *args)
+            except ComponentFailed as exc:  # a rejection is an answer, not a failure
+                error = exc
+                raise
             finally:
                 self._effects = None
+                self.stats.record(started, error)
 
         return await asyncio.get_running_loop().run_in_executor(self._executor, call)
 

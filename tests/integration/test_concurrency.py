@@ -57,3 +57,33 @@ async def test_200_concurrent_withdrawals_on_two_daemons_never_overdraw(example_
             assert any(entry.get("event") == "command rejected" for entry in process.logs())
         conflicts = [e for p in (first, second) for e in p.logs() if e.get("event") == "append conflict; deciding again"]
         assert conflicts, "the daemons never raced on the key: the test proved nothing"
+
+
+async def test_status_shows_every_daemon(example_components, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    with nats_server(tmp_path) as server:
+        with daemon(MANIFEST, tmp_path / "a.log", "--nats-url", server.url), \
+                daemon(MANIFEST, tmp_path / "b.log", "--nats-url", server.url):
+            async with client(server.url) as nc:
+                await result(nc, await send(nc, "bankaccount", {"command_type": "create_account", "key": "ST1",
+                             "data": {"accountNumber": "ST1", "initialBalance": 1, "customerId": "C"}}))
+                await result(nc, await send(nc, "bankaccount", b"not json"))
+            done = subprocess.run([sys.executable, "-m", "concordance_provider.cli", "status", "--json",
+                                   "--nats-url", server.url], capture_output=True, text=True, timeout=60)
+            reports = json.loads(done.stdout)
+            assert len(reports) == 2 and len({r["daemon"] for r in reports}) == 2
+            for report in reports:
+                assert report["health"] == {"healthy": True, "message": None}
+                names = {c["name"]: c for c in report["components"]}
+                assert names["wiretransfer-process-manager"]["interest"]["lifetime"]["start"] == "wire_transfer_initiated"
+                consumers = {c["name"]: c for c in report["consumers"]}
+                assert consumers["AGG_CMD_bankaccount"]["dead_letters"] == 1
+                assert consumers["AGG_CMD_bankaccount"]["pending"] == 0
+            calls = sum(next(c for c in r["components"] if c["name"] == "bankaccount-aggregate")["calls"] for r in reports)
+            assert calls >= 2  # handle-command and apply-event of the create
+            text = subprocess.run([sys.executable, "-m", "concordance_provider.cli", "status",
+                                   "--nats-url", server.url], capture_output=True, text=True, timeout=60).stdout
+            assert text.count("healthy") == 2 and "consumer PM_interbankxfer" in text
