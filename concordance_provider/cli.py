@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import sys
 from datetime import datetime, timezone
@@ -17,7 +18,7 @@ import typer
 from . import __version__
 from .build import BuildError, build_component
 from .config import NatsOptions
-from .daemon import Daemon, DaemonFailed, load_component
+from .daemon import Daemon, DaemonFailed, connect, load_component
 from .links import Role
 from .logging import configure
 from .maintenance import (
@@ -47,6 +48,23 @@ from .store.deadletters import DeadLetters
 from .store.jetstream import publish
 from .store.streams import IncompatibleStream
 
+CLIENT_CONNECT_SECONDS = 10.0
+NATS_URL = typer.Option("nats://127.0.0.1:4222", "--nats-url", envvar="NATS_URL")
+
+
+async def _client(url: str) -> nats.aio.client.Client:
+    """A client connection for the commands below; credentials come from the environment
+    (NATS_USER and NATS_PASSWORD, NATS_TOKEN, NATS_CREDS, NATS_CA), never from the command line."""
+    env = os.environ.get
+    options = NatsOptions(url=url, user=env("NATS_USER"), password=env("NATS_PASSWORD"), token=env("NATS_TOKEN"),
+                          creds_file=env("NATS_CREDS"), tls_ca=env("NATS_CA"))
+    try:
+        nc, _ = await asyncio.wait_for(connect(options), CLIENT_CONNECT_SECONDS)
+    except (OSError, asyncio.TimeoutError) as exc:
+        _fail(f"cannot reach NATS at {url}: {exc or 'no answer'}")
+    return nc
+
+
 app = typer.Typer(help="Event sourcing for WebAssembly components on NATS JetStream.", no_args_is_help=True)
 log = structlog.get_logger("concordance")
 
@@ -64,8 +82,8 @@ def up(
     user: Optional[str] = typer.Option(None, envvar="NATS_USER"),
     password: Optional[str] = typer.Option(None, envvar="NATS_PASSWORD"),
     token: Optional[str] = typer.Option(None, envvar="NATS_TOKEN"),
-    creds: Optional[Path] = typer.Option(None, help="NATS credentials file (JWT + nkey seed)"),
-    tls_ca: Optional[Path] = typer.Option(None, help="CA certificate to verify the NATS server"),
+    creds: Optional[Path] = typer.Option(None, envvar="NATS_CREDS", help="NATS credentials file (JWT + nkey seed)"),
+    tls_ca: Optional[Path] = typer.Option(None, envvar="NATS_CA", help="CA certificate to verify the NATS server"),
     js_domain: Optional[str] = typer.Option(None, help="JetStream domain"),
     state_dir: Path = typer.Option(Path(".concordance"), envvar="CONCORDANCE_STATE_DIR",
                                    help="where the embedded NATS server keeps its data"),
@@ -132,7 +150,7 @@ def build(
 def send(
     aggregate: str = typer.Argument(..., help="aggregate name, e.g. bankaccount"),
     command: str = typer.Argument(..., help="RawCommand JSON, or @file.json"),
-    nats_url: str = typer.Option("nats://127.0.0.1:4222"),
+    nats_url: str = NATS_URL,
     wait: float = typer.Option(10.0, help="seconds to wait for the outcome (0: don't wait)"),
 ) -> None:
     """Send a command and print its outcome from CC_RESULTS."""
@@ -144,7 +162,7 @@ def send(
 
 
 async def _send(url: str, aggregate: str, body: bytes, wait: float) -> dict:
-    nc = await nats.connect(url)
+    nc = await _client(url)
     try:
         reply = await nc.request(command_subject(aggregate), body, timeout=5)
         ack = json.loads(reply.data)
@@ -170,7 +188,7 @@ async def _send(url: str, aggregate: str, body: bytes, wait: float) -> dict:
 def rebuild(
     manifest: Path = typer.Argument(..., help="the application manifest (to load the aggregates)"),
     target: Optional[str] = typer.Argument(None, help="AGGREGATE or AGGREGATE.KEY; default: every aggregate"),
-    nats_url: str = typer.Option("nats://127.0.0.1:4222", "--nats-url"),
+    nats_url: str = NATS_URL,
 ) -> None:
     """Recompute CC_STATE from CC_EVENTS: state is derived data."""
     configure("warning", "console")
@@ -184,7 +202,7 @@ def rebuild(
 
 
 async def _rebuild(url: str, targets: list) -> int:  # type: ignore[type-arg]
-    nc = await nats.connect(url)
+    nc = await _client(url)
     try:
         count = 0
         for spec, key in targets:
@@ -207,7 +225,7 @@ def replay(
     since: Optional[datetime] = typer.Option(None, help="replay events stored since this time (ISO 8601)"),
     yes: bool = typer.Option(False, "--yes", help="do not ask before re-running a notifier's side effects"),
     wait: bool = typer.Option(True, help="follow the replay with a progress bar"),
-    nats_url: str = typer.Option("nats://127.0.0.1:4222", "--nats-url"),
+    nats_url: str = NATS_URL,
 ) -> None:
     """Feed a projector (or notifier) its events again, from the start or from a sequence or time.
 
@@ -229,7 +247,7 @@ def replay(
 
 
 async def _replay(url: str, interest, start: ReplayStart, wait: bool) -> None:  # type: ignore[no-untyped-def]
-    nc = await nats.connect(url)
+    nc = await _client(url)
     try:
         total = await reset_handler(nc, interest, start)
         typer.echo(f"{interest.consumer_name}: {total} event(s) to replay")
@@ -244,7 +262,7 @@ async def _replay(url: str, interest, start: ReplayStart, wait: bool) -> None:  
 def status(
     as_json: bool = typer.Option(False, "--json", help="every daemon's full report, as JSON"),
     wait: float = typer.Option(1.0, help="seconds to collect answers"),
-    nats_url: str = typer.Option("nats://127.0.0.1:4222", "--nats-url"),
+    nats_url: str = NATS_URL,
 ) -> None:
     """Ask every daemon that shares this NATS server how it is doing."""
     reports = asyncio.run(_status(nats_url, wait))
@@ -258,7 +276,7 @@ def status(
 
 
 async def _status(url: str, wait: float) -> list[dict]:
-    nc = await nats.connect(url)
+    nc = await _client(url)
     try:
         inbox = nc.new_inbox()
         sub = await nc.subscribe(inbox)
@@ -295,11 +313,10 @@ def _status_text(report: dict) -> str:
 deadletters = typer.Typer(help="List, show, retry and purge dead letters (stream CC_DEADLETTER).",
                           no_args_is_help=True)
 app.add_typer(deadletters, name="deadletters")
-NATS_URL = typer.Option("nats://127.0.0.1:4222", "--nats-url")
 
 
 async def _with_store(url: str, work):  # type: ignore[no-untyped-def]
-    nc = await nats.connect(url)
+    nc = await _client(url)
     try:
         return await work(nc, DeadLetters(nc))
     finally:

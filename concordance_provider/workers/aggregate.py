@@ -100,13 +100,13 @@ class AggregateWorker:
     def event_consumer(self) -> ConsumerSpec:
         return consumer_for(self.interest, EVENTS_STREAM, self.interest.consumer_name, (stream_filter(self.stream),))
 
-    async def dispatch_commands(self, batch: list[Msg]) -> None:
+    async def dispatch_commands(self, batch: list[Msg], stopping: asyncio.Event) -> None:
         await dispatch_by_key(batch, _command_key, lambda m: self._settle_command(m, self.on_command),
-                              self._command_order)
+                              stopping, self._command_order)
 
-    async def dispatch_events(self, batch: list[Msg]) -> None:
+    async def dispatch_events(self, batch: list[Msg], stopping: asyncio.Event) -> None:
         await dispatch_by_key(batch, lambda m: m.subject.rsplit(".", 1)[-1],
-                              lambda m: self._settle_event(m, self.on_event))
+                              lambda m: self._settle_event(m, self.on_event), stopping)
 
     # -- state ---------------------------------------------------------------------------------
 

@@ -197,7 +197,7 @@ class ConsumerLoop:
     """Fetch from one durable consumer and hand each fetched batch to ``dispatch``."""
 
     def __init__(self, js: JetStreamContext, spec: ConsumerSpec,
-                 dispatch: Callable[[list[Msg]], Awaitable[None]]) -> None:
+                 dispatch: Callable[[list[Msg], asyncio.Event], Awaitable[None]]) -> None:
         self._js = js
         self.spec = spec
         self._dispatch = dispatch
@@ -233,7 +233,7 @@ class ConsumerLoop:
                     continue
                 keeper = asyncio.create_task(_keep_alive(batch, self.spec.ack_wait))
                 try:
-                    await self._dispatch(batch)
+                    await self._dispatch(batch, stopping)
                 except Exception as exc:  # a bug must not silently stop this consumer
                     self._log.exception("dispatch failed; continuing", error=str(exc))
                 finally:
@@ -272,11 +272,30 @@ class KeyOrder:
             self._holds[key] = (seq, time.monotonic() + self._hold_seconds)
 
 
+async def hand_back(msg: Msg) -> None:
+    """Shutting down: give a message not yet started back to the server at once."""
+    try:
+        await msg.nak()
+    except Exception:  # noqa: BLE001 - redelivered after ack wait anyway
+        pass
+
+
+async def dispatch_in_order(batch: list[Msg], handle: Callable[[Msg], Awaitable[bool]],
+                            stopping: asyncio.Event) -> None:
+    """One message after another; on shutdown the rest go back to the server."""
+    for msg in batch:
+        if stopping.is_set():
+            await hand_back(msg)
+        else:
+            await handle(msg)
+
+
 async def dispatch_by_key(
     batch: list[Msg], key_of: Callable[[Msg], Hashable], handle: Callable[[Msg], Awaitable[bool]],
-    order: KeyOrder | None = None,
+    stopping: asyncio.Event, order: KeyOrder | None = None,
 ) -> None:
-    """Handle messages of different keys concurrently and of one key in order."""
+    """Handle messages of different keys concurrently and of one key in order; on shutdown,
+    messages not yet started go back to the server."""
     groups: dict[Hashable, list[Msg]] = defaultdict(list)
     for msg in batch:
         groups[key_of(msg)].append(msg)
@@ -284,6 +303,9 @@ async def dispatch_by_key(
     async def in_order(key: Hashable, msgs: list[Msg]) -> None:
         for msg in msgs:
             seq = msg.metadata.sequence.stream
+            if stopping.is_set():
+                await hand_back(msg)
+                continue
             if order is not None and order.waits(key, seq):
                 await msg.nak(delay=ORDER_WAIT_SECONDS)  # an earlier message of this key comes first
                 continue

@@ -8,6 +8,7 @@ Events are handled one at a time in log order, across all daemons.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -36,6 +37,7 @@ from .base import (
     Settler,
     consumer_for,
     delivered_event,
+    dispatch_in_order,
     meant_for_another,
     to_component_event,
 )
@@ -60,9 +62,8 @@ class ProcessManagerWorker:
         filters = tuple(event_type_filter(t) for t in self._lifetime.event_types())
         return consumer_for(self.interest, EVENTS_STREAM, self.interest.consumer_name, filters, max_ack_pending=1)
 
-    async def dispatch(self, batch: list[Msg]) -> None:
-        for msg in batch:
-            await self._settle(msg, self.on_event)
+    async def dispatch(self, batch: list[Msg], stopping: asyncio.Event) -> None:
+        await dispatch_in_order(batch, lambda m: self._settle(m, self.on_event), stopping)
 
     async def on_event(self, msg: Msg) -> None:
         if meant_for_another(msg, self.interest.consumer_name):

@@ -38,6 +38,7 @@ from .base import (
     Settler,
     consumer_for,
     delivered_event,
+    dispatch_in_order,
     meant_for_another,
     to_component_event,
 )
@@ -71,9 +72,8 @@ class StatelessWorker:
         filters = tuple(event_type_filter(t) for t in interest.event_types)
         return consumer_for(interest, EVENTS_STREAM, interest.consumer_name, filters, max_ack_pending=1)
 
-    async def dispatch(self, batch: list[Msg]) -> None:
-        for msg in batch:
-            await self._settle(msg, self.on_event)
+    async def dispatch(self, batch: list[Msg], stopping: asyncio.Event) -> None:
+        await dispatch_in_order(batch, lambda m: self._settle(m, self.on_event), stopping)
 
     def _check_publish(self, key: str, event: Event) -> str | None:
         if self.interest.role is not Role.NOTIFIER:

@@ -99,6 +99,18 @@ async def test_replay_restores_a_lost_read_model(busy_bank):
         assert await ledger(nc, "RP1") == entries  # applied once, not twice
 
 
+async def test_replay_from_a_sequence_refeeds_only_what_follows(busy_bank):
+    """From a sequence the read model is kept: the handler sees those events once more."""
+    async with client(busy_bank) as nc:
+        deposit = await nc.jetstream().get_last_msg("CC_EVENTS", "cc.events.funds_deposited.bankaccount.RP1")
+        done = _cli("replay", str(MANIFEST), "bankaccount_projector", "--from-seq", str(deposit.seq),
+                    "--nats-url", busy_bank)
+        assert done.returncode == 0, done.stderr
+        assert "PROJ_bankaccount_projector: 1 event(s) to replay" in done.stdout
+        balance = lambda: kv_json(nc, "CC_RM_bankaccount_projector", "balance.RP1")  # noqa: E731
+        assert (await eventually(balance, lambda b: b["balance"] == 20))["entries"] == 3
+
+
 def test_replaying_a_notifier_asks_first(busy_bank):
     done = _cli("replay", str(MANIFEST), "otherbank_gateway", "--nats-url", busy_bank, stdin="n\n")
     assert done.returncode != 0 and "repeats its side effects" in done.stdout

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import socket
 import subprocess
 import sys
@@ -96,6 +98,15 @@ async def test_token(example_components, tmp_path):
     with configured_server(tmp_path, f'authorization {{ token: "{TOKEN}" }}') as url:
         with daemon(MANIFEST, tmp_path / "d.log", "--nats-url", url, "--token", TOKEN) as process:
             await _scenario(url, token=TOKEN)
+            # the client commands take their credentials from the environment
+            status = subprocess.run([sys.executable, "-m", "concordance_provider.cli", "status", "--json",
+                                     "--nats-url", url], capture_output=True, text=True, timeout=60,
+                                    env={**os.environ, "NATS_TOKEN": TOKEN})
+            assert len(json.loads(status.stdout)) == 1, status.stderr
+            anonymous = subprocess.run([sys.executable, "-m", "concordance_provider.cli", "status",
+                                        "--nats-url", url], capture_output=True, text=True, timeout=60)
+            assert anonymous.returncode == 2 and "Authorization" in anonymous.stderr
+            assert "Traceback" not in anonymous.stderr
         assert TOKEN not in process.log_path.read_text()
         assert TOKEN not in _refused(url, tmp_path, "--token", TOKEN + "-wrong")
 
