@@ -1,0 +1,108 @@
+"""Dead letters: `deadletters list|show|retry|purge`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Optional
+
+import typer
+
+from ..naming import (
+    COMMANDS_STREAM,
+    DEADLETTER_PREFIX,
+    DEADLETTER_STREAM,
+    RETRY_FOR,
+    retry_subject,
+)
+from ..store.deadletters import DeadLetters
+from ..store.jetstream import publish
+from .common import NATS_URL, app, connect_client, fail
+
+deadletters = typer.Typer(help="List, show, retry and purge dead letters (stream CC_DEADLETTER).",
+                          no_args_is_help=True)
+app.add_typer(deadletters, name="deadletters")
+
+
+async def _with_store(url: str, work):  # type: ignore[no-untyped-def]
+    nc = await connect_client(url)
+    try:
+        return await work(nc, DeadLetters(nc))
+    finally:
+        await nc.close()
+
+
+@deadletters.command("list")
+def deadletters_list(consumer: Optional[str] = typer.Option(None, help="only this consumer's"),
+                     nats_url: str = NATS_URL) -> None:
+    """One line per dead letter: sequence, consumer, original subject, deliveries, reason."""
+    letters = asyncio.run(_with_store(nats_url, lambda nc, store: store.list(consumer)))
+    for letter in letters:
+        typer.echo(f"{letter.seq}\t{letter.consumer}\t{letter.subject}\t{letter.deliveries}\t{letter.reason}")
+    typer.echo(f"{len(letters)} dead letter(s)", err=True)
+
+
+@deadletters.command("show")
+def deadletters_show(seq: int, nats_url: str = NATS_URL) -> None:
+    """The whole dead letter as JSON, with its body decoded when it is text."""
+    letter = asyncio.run(_with_store(nats_url, lambda nc, store: store.get(seq)))
+    if letter is None:
+        fail(f"no dead letter {seq}")
+    shown = letter.model_dump()
+    try:
+        shown["body"] = letter.body.decode()
+    except UnicodeDecodeError:
+        pass
+    typer.echo(json.dumps(shown, indent=2))
+
+
+@deadletters.command("retry")
+def deadletters_retry(seq: int, nats_url: str = NATS_URL) -> None:
+    """Send a dead message again, exactly once, and remove the dead letter.
+
+    A command goes back to its subject. An event goes back to its subject with the suffix
+    `.retry`, for the one consumer that failed it: other handlers skip it, aggregates never fold it.
+    """
+    async def work(nc, store):  # type: ignore[no-untyped-def]
+        letter = await store.get(seq)
+        if letter is None:
+            raise RetryRefused(f"no dead letter {seq}")
+        if letter.consumer.startswith("AGG_EVT_"):
+            raise RetryRefused(f"dead letter {seq} is aggregate state catch-up: run concordance rebuild instead")
+        headers = {"Nats-Msg-Id": f"retry:{seq}"}
+        subject = letter.subject
+        if letter.stream != COMMANDS_STREAM:
+            subject = retry_subject(letter.subject) if not letter.subject.endswith(".retry") else letter.subject
+            kept = {k: v for k, v in letter.headers.items() if not k.startswith("Nats-")}
+            headers = {**kept, **headers, RETRY_FOR: letter.consumer}
+        new_seq = await publish(nc, subject, letter.body, headers)
+        await store.remove(nc.jetstream(), seq)
+        return subject, new_seq
+
+    try:
+        subject, new_seq = asyncio.run(_with_store(nats_url, work))
+    except RetryRefused as exc:
+        fail(str(exc))
+    typer.echo(f"dead letter {seq} sent again on {subject} as {new_seq}")
+
+
+@deadletters.command("purge")
+def deadletters_purge(consumer: Optional[str] = typer.Option(None, help="only this consumer's"),
+                      yes: bool = typer.Option(False, "--yes", help="do not ask"),
+                      nats_url: str = NATS_URL) -> None:
+    """Delete dead letters for good."""
+    if not yes:
+        typer.confirm(f"Delete the dead letters of {consumer or 'every consumer'}?", abort=True)
+    subject = f"{DEADLETTER_PREFIX}.{consumer}" if consumer else None
+
+    async def work(nc, store):  # type: ignore[no-untyped-def]
+        return await nc.jetstream().purge_stream(DEADLETTER_STREAM, subject=subject)
+
+    asyncio.run(_with_store(nats_url, work))
+    typer.echo("purged")
+
+
+class RetryRefused(Exception):
+    pass
+
+

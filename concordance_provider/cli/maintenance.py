@@ -1,0 +1,103 @@
+"""Derived data, recomputed: `rebuild` (state from the log), `replay` (events to a handler)."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..daemon import load_component
+from ..links import Role
+from ..logging import configure
+from ..maintenance import (
+    MaintenanceError,
+    ReplayStart,
+    aggregate_worker,
+    find_spec,
+    parse_target,
+    rebuild_state,
+    reset_handler,
+    wait_drained,
+)
+from ..manifest import ManifestError, load_manifest
+from ..runtime.wasmtime_host import ComponentLoadError
+from .common import NATS_URL, app, connect_client, fail
+
+
+@app.command()
+def rebuild(
+    manifest: Path = typer.Argument(..., help="the application manifest (to load the aggregates)"),
+    target: Optional[str] = typer.Argument(None, help="AGGREGATE or AGGREGATE.KEY; default: every aggregate"),
+    nats_url: str = NATS_URL,
+) -> None:
+    """Recompute CC_STATE from CC_EVENTS: state is derived data."""
+    configure("warning", "console")
+    try:
+        app_manifest = load_manifest(manifest)
+        targets = parse_target(target, app_manifest)
+        count = asyncio.run(_rebuild(nats_url, targets))
+    except (ManifestError, MaintenanceError, ComponentLoadError) as exc:
+        fail(str(exc))
+    typer.echo(f"rebuilt the state of {count} instance(s)")
+
+
+async def _rebuild(url: str, targets: list) -> int:  # type: ignore[type-arg]
+    nc = await connect_client(url)
+    try:
+        count = 0
+        for spec, key in targets:
+            component = await load_component(spec)
+            try:
+                worker = aggregate_worker(nc, spec.interest, component)
+                count += await rebuild_state(nc, worker, key, lambda k: typer.echo(f"{spec.interest.name}.{k}"))
+            finally:
+                await component.close()
+        return count
+    finally:
+        await nc.close()
+
+
+@app.command()
+def replay(
+    manifest: Path = typer.Argument(..., help="the application manifest"),
+    handler: str = typer.Argument(..., help="NAME of a projector or notifier"),
+    from_seq: Optional[int] = typer.Option(None, "--from-seq", help="replay from this CC_EVENTS sequence"),
+    since: Optional[datetime] = typer.Option(None, help="replay events stored since this time (ISO 8601)"),
+    yes: bool = typer.Option(False, "--yes", help="do not ask before re-running a notifier's side effects"),
+    wait: bool = typer.Option(True, help="follow the replay with a progress bar"),
+    nats_url: str = NATS_URL,
+) -> None:
+    """Feed a projector (or notifier) its events again, from the start or from a sequence or time.
+
+    From the start, the handler's read model is emptied first. A running daemon does the work.
+    """
+    configure("warning", "console")
+    try:
+        spec = find_spec(load_manifest(manifest), handler, {Role.PROJECTOR, Role.NOTIFIER})
+    except (ManifestError, MaintenanceError) as exc:
+        fail(str(exc))
+    if spec.interest.role is Role.NOTIFIER and not yes:
+        typer.confirm(f"{handler} is a notifier: replaying repeats its side effects. Go on?", abort=True)
+    if since is not None and since.tzinfo is None:
+        since = since.replace(tzinfo=timezone.utc)
+    try:
+        asyncio.run(_replay(nats_url, spec.interest, ReplayStart(from_seq, since), wait))
+    except MaintenanceError as exc:
+        fail(str(exc))
+
+
+async def _replay(url: str, interest, start: ReplayStart, wait: bool) -> None:  # type: ignore[no-untyped-def]
+    nc = await connect_client(url)
+    try:
+        total = await reset_handler(nc, interest, start)
+        typer.echo(f"{interest.consumer_name}: {total} event(s) to replay")
+        if wait and total:
+            with typer.progressbar(length=total, label="replaying") as bar:
+                await wait_drained(nc, interest, total, bar.update, stall_seconds=30)
+    finally:
+        await nc.close()
+
+
