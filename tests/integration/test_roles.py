@@ -6,12 +6,15 @@ from pathlib import Path
 
 import pytest
 
+from concordance_provider.build import build_component
+
 from .harness import (
     client,
     daemon,
     events,
     events_of_stream,
     eventually,
+    kv_json,
     nats_server,
     result,
     send,
@@ -19,7 +22,9 @@ from .harness import (
 
 pytestmark = pytest.mark.integration
 
-BUILD = Path(__file__).resolve().parents[2] / "examples" / "bankaccount" / "build"
+ROOT = Path(__file__).resolve().parents[2]
+BUILD = ROOT / "examples" / "bankaccount" / "build"
+TEST_BUILD = ROOT / "tests" / "components" / "build"
 
 MANIFEST = """\
 apiVersion: core.oam.dev/v1beta1
@@ -44,6 +49,38 @@ spec:
             target: concordance
             values: {ROLE: projector, NAME: sneaky, INTEREST: wire_transfer_initiated, MAX_DELIVERIES: "1"}
 """
+
+
+FORGER = """\
+    - name: forger
+      type: component
+      properties: {image: "file://%(forger)s"}
+      traits:
+        - type: link
+          properties:
+            target: concordance
+            values: {ROLE: notifier, NAME: forger, INTEREST: account_created, MAX_DELIVERIES: "1"}
+"""
+
+
+async def test_a_notifier_cannot_publish_into_an_aggregate_stream(example_components, tmp_path):
+    forger = TEST_BUILD / "publisher.wasm"
+    build_component(ROOT / "tests" / "components" / "publisher", "stateless-handler", forger)
+    manifest = tmp_path / "app.yaml"
+    manifest.write_text(MANIFEST.split("    - name: gateway-as-projector")[0] % {"build": BUILD}
+                        + FORGER % {"forger": forger})
+    with nats_server(tmp_path) as server, daemon(manifest, tmp_path / "d.log", "--nats-url", server.url):
+        async with client(server.url) as nc:
+            await result(nc, await send(nc, "bankaccount", {"command_type": "create_account", "key": "F1",
+                         "data": {"accountNumber": "F1", "initialBalance": 5, "customerId": "C"}}))
+
+            async def reasons() -> list[str]:
+                return [d["reason"] for d in await events_of_stream(nc, "CC_DEADLETTER", "cc.deadletter.NOTIFIER_forger")]
+
+            found = await eventually(reasons, bool, timeout=30)
+            assert "stream 'bankaccount' belongs to an aggregate" in found[0]
+            assert [s for s, _ in await events(nc, "cc.events.funds_deposited.>")] == []
+            assert (await kv_json(nc, "CC_STATE", "agg.bankaccount.F1"))["balance"] == 5
 
 
 async def test_a_projector_cannot_publish_events(example_components, tmp_path):
