@@ -10,7 +10,7 @@ import typer
 
 from ..naming import RESULTS_BUCKET, command_subject
 from ..status import STATUS_SUBJECT
-from .common import NATS_URL, app, connect_client, fail
+from .common import NATS_URL, app, fail, nats_client
 
 
 @app.command()
@@ -29,8 +29,7 @@ def send(
 
 
 async def _send(url: str, aggregate: str, body: bytes, wait: float) -> dict:
-    nc = await connect_client(url)
-    try:
+    async with nats_client(url) as nc:
         reply = await nc.request(command_subject(aggregate), body, timeout=5)
         ack = json.loads(reply.data)
         if "error" in ack or wait <= 0:
@@ -47,8 +46,6 @@ async def _send(url: str, aggregate: str, body: bytes, wait: float) -> dict:
         finally:
             await watcher.stop()
         return ack
-    finally:
-        await nc.close()
 
 
 @app.command()
@@ -69,8 +66,7 @@ def status(
 
 
 async def _status(url: str, wait: float) -> list[dict]:
-    nc = await connect_client(url)
-    try:
+    async with nats_client(url) as nc:
         inbox = nc.new_inbox()
         sub = await nc.subscribe(inbox)
         await nc.publish(STATUS_SUBJECT, b"", reply=inbox)
@@ -82,8 +78,6 @@ async def _status(url: str, wait: float) -> list[dict]:
         except TimeoutError:
             pass
         return sorted(reports, key=lambda r: str(r.get("daemon")))
-    finally:
-        await nc.close()
 
 
 def _status_text(report: dict) -> str:

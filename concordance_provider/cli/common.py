@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from typing import NoReturn
+from contextlib import asynccontextmanager
+from typing import AsyncIterator, NoReturn
 
 import nats
 import structlog
@@ -21,17 +22,21 @@ app = typer.Typer(help="Event sourcing for WebAssembly components on NATS JetStr
 log = structlog.get_logger("concordance")
 
 
-async def connect_client(url: str) -> nats.aio.client.Client:
-    """A client connection for the commands below; credentials come from the environment
-    (NATS_USER and NATS_PASSWORD, NATS_TOKEN, NATS_CREDS, NATS_CA), never from the command line."""
+@asynccontextmanager
+async def nats_client(url: str) -> AsyncIterator[nats.aio.client.Client]:
+    """A client connection for the commands, closed after use; credentials come from the
+    environment (NATS_USER and NATS_PASSWORD, NATS_TOKEN, NATS_CREDS, NATS_CA), never from argv."""
     env = os.environ.get
     options = NatsOptions(url=url, user=env("NATS_USER"), password=env("NATS_PASSWORD"), token=env("NATS_TOKEN"),
                           creds_file=env("NATS_CREDS"), tls_ca=env("NATS_CA"))
     try:
         nc, _ = await asyncio.wait_for(connect(options), CLIENT_CONNECT_SECONDS)
     except (OSError, asyncio.TimeoutError) as exc:
-        fail(f"cannot reach NATS at {url}: {exc or 'no answer'}")
-    return nc
+        fail(f"cannot reach NATS at {url}: {str(exc) or f'no answer within {CLIENT_CONNECT_SECONDS:.0f}s'}")
+    try:
+        yield nc
+    finally:
+        await nc.close()
 
 
 

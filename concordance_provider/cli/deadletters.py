@@ -17,7 +17,7 @@ from ..naming import (
 )
 from ..store.deadletters import DeadLetters
 from ..store.jetstream import publish
-from .common import NATS_URL, app, connect_client, fail
+from .common import NATS_URL, app, fail, nats_client
 
 deadletters = typer.Typer(help="List, show, retry and purge dead letters (stream CC_DEADLETTER).",
                           no_args_is_help=True)
@@ -25,11 +25,8 @@ app.add_typer(deadletters, name="deadletters")
 
 
 async def _with_store(url: str, work):  # type: ignore[no-untyped-def]
-    nc = await connect_client(url)
-    try:
+    async with nats_client(url) as nc:
         return await work(nc, DeadLetters(nc))
-    finally:
-        await nc.close()
 
 
 @deadletters.command("list")

@@ -24,7 +24,7 @@ from ..maintenance import (
 )
 from ..manifest import ManifestError, load_manifest
 from ..runtime.wasmtime_host import ComponentLoadError
-from .common import NATS_URL, app, connect_client, fail
+from .common import NATS_URL, app, fail, nats_client
 
 
 @app.command()
@@ -45,8 +45,7 @@ def rebuild(
 
 
 async def _rebuild(url: str, targets: list) -> int:  # type: ignore[type-arg]
-    nc = await connect_client(url)
-    try:
+    async with nats_client(url) as nc:
         count = 0
         for spec, key in targets:
             component = await load_component(spec)
@@ -56,8 +55,6 @@ async def _rebuild(url: str, targets: list) -> int:  # type: ignore[type-arg]
             finally:
                 await component.close()
         return count
-    finally:
-        await nc.close()
 
 
 @app.command()
@@ -90,14 +87,11 @@ def replay(
 
 
 async def _replay(url: str, interest, start: ReplayStart, wait: bool) -> None:  # type: ignore[no-untyped-def]
-    nc = await connect_client(url)
-    try:
+    async with nats_client(url) as nc:
         total = await reset_handler(nc, interest, start)
         typer.echo(f"{interest.consumer_name}: {total} event(s) to replay")
         if wait and total:
             with typer.progressbar(length=total, label="replaying") as bar:
                 await wait_drained(nc, interest, total, bar.update, stall_seconds=30)
-    finally:
-        await nc.close()
 
 
