@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import ssl
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,8 @@ class NatsOptions(BaseModel):
     password: SecretStr | None = None
     token: SecretStr | None = None
     creds_file: Path | None = None  # NATS JWT + nkey seed
+    user_jwt: SecretStr | None = None  # the same, given in memory (a wasmCloud host's HostData)
+    user_seed: SecretStr | None = None
     tls_ca: Path | None = None
     js_domain: str | None = None
 
@@ -27,6 +30,16 @@ class NatsOptions(BaseModel):
             kwargs["token"] = self.token.get_secret_value()
         if self.creds_file:
             kwargs["user_credentials"] = str(self.creds_file)
+        if self.user_jwt and self.user_seed:
+            kwargs.update(self._jwt_callbacks(self.user_jwt.get_secret_value(), self.user_seed.get_secret_value()))
         if self.tls_ca:
             kwargs["tls"] = ssl.create_default_context(cafile=str(self.tls_ca))
         return kwargs
+
+    @staticmethod
+    def _jwt_callbacks(jwt: str, seed: str) -> dict[str, Any]:
+        import nkeys  # installed with nats-py[nkeys]; only needed for JWT authentication
+
+        key_pair = nkeys.from_seed(seed.encode())
+        return {"user_jwt_cb": lambda: jwt.encode(),
+                "signature_cb": lambda nonce: base64.b64encode(key_pair.sign(nonce.encode()))}

@@ -1,4 +1,10 @@
-"""The daemon: connects to NATS, loads components, and runs one worker per link."""
+"""The daemon: connects to NATS and runs the consumers of every linked component.
+
+Links come from a manifest at start, from a wasmCloud host's ``HostData``, or at any time over
+the provider subjects (``provider.py``). Linking a component starts its consumers; unlinking
+stops them between messages, leaving their durable positions on the server, so linking it again
+resumes where it stopped.
+"""
 
 from __future__ import annotations
 
@@ -15,9 +21,10 @@ from nats.js import JetStreamContext
 from .config import NatsOptions
 from .health import Health
 from .health import serve as serve_health
-from .links import Role
+from .links import LinkError, Role
 from .manifest import ComponentSpec, Manifest
 from .runtime import Component
+from .runtime.lattice import LatticeComponent
 from .runtime.wasmtime_host import Grants, WasmtimeComponent
 from .status import StatusReporter
 from .store.deadletters import DeadLetters
@@ -64,10 +71,18 @@ async def connect(options: NatsOptions, error_cb: Callable[[Exception], Awaitabl
     return nc, nc.jetstream(domain=options.js_domain)
 
 
-async def load_component(spec: ComponentSpec, cache_dir: Path | None = None) -> Component:
+async def load_component(spec: ComponentSpec, cache_dir: Path | None = None, nc: NATS | None = None) -> Component:
+    """The component a spec names: in-process from its file, or on a wasmCloud host over ``nc``."""
+    interest = spec.interest
+    if spec.dispatch_subject is not None:
+        if nc is None:
+            raise LinkError(f"component {spec.name!r} runs on a wasmCloud host and needs a NATS connection")
+        return LatticeComponent(spec.name, nc, spec.dispatch_subject, interest.role, interest.call_timeout_ms)
+    if spec.path is None:
+        raise LinkError(f"component {spec.name!r} names neither a file nor a dispatch subject")
     component = WasmtimeComponent(
-        spec.name, spec.path, spec.interest.role,
-        call_timeout_ms=spec.interest.call_timeout_ms, max_memory_mb=spec.interest.max_memory_mb,
+        spec.name, spec.path, interest.role,
+        call_timeout_ms=interest.call_timeout_ms, max_memory_mb=interest.max_memory_mb,
         grants=Grants(env=spec.grants.env, dirs=spec.grants.dirs), cache_dir=cache_dir,
     )
     await component.start()
@@ -75,14 +90,49 @@ async def load_component(spec: ComponentSpec, cache_dir: Path | None = None) -> 
 
 
 @dataclass
+class LinkedComponent:
+    """A component with its running consumers; ``stopping`` ends them between messages."""
+
+    spec: ComponentSpec
+    component: Component
+    loops: list[ConsumerLoop]
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+
+@dataclass
+class _Stores:
+    events: EventLog
+    states: StateStore
+    results: ResultStore
+    dead: DeadLetters
+
+
+@dataclass
 class Daemon:
-    manifest: Manifest
     nats_options: NatsOptions
+    manifest: Manifest | None = None
     cache_dir: Path | None = None
     health_port: int | None = None
+    # Serves the provider subjects once connected (see provider.py); None: manifest links only.
+    on_connected: Callable[["Daemon"], Awaitable[None]] | None = None
+    on_stopped: Callable[[], Awaitable[None]] | None = None
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    consumers_stopped: asyncio.Event = field(default_factory=asyncio.Event)
     health: Health = field(default_factory=Health)
+    links: dict[str, LinkedComponent] = field(default_factory=dict)
     _failures: list[str] = field(default_factory=list)
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # Live views of the linked aggregates: names for the router, streams for the handlers.
+    _aggregate_names: set[str] = field(default_factory=set)
+    _aggregate_streams: set[str] = field(default_factory=set)
+    nc: NATS | None = None
+    js: JetStreamContext | None = None
+    _stores: _Stores | None = None
+
+    @property
+    def application(self) -> str:
+        return self.manifest.name if self.manifest else "lattice"
 
     async def _connect(self) -> tuple[NATS, JetStreamContext]:
         async def on_disconnect() -> None:
@@ -98,9 +148,6 @@ class Daemon:
         return await connect(self.nats_options, disconnected_cb=on_disconnect,
                              reconnected_cb=on_reconnect, error_cb=on_error)
 
-    async def _load(self, spec: ComponentSpec) -> Component:
-        return await load_component(spec, self.cache_dir)
-
     async def run(self) -> None:
         endpoint = await serve_health(self.health, self.health_port) if self.health_port else None
         try:
@@ -110,33 +157,39 @@ class Daemon:
                 endpoint.close()
 
     async def _run(self) -> None:
-        components = await asyncio.gather(*(self._load(s) for s in self.manifest.components))
-        nc, js = await self._connect()
+        initial = list(self.manifest.components) if self.manifest else []
+        # Load in-process components before connecting: a broken file fails the start at once.
+        loaded = await asyncio.gather(*(load_component(s, self.cache_dir) for s in initial if s.path))
+        nc, js = self.nc, self.js = await self._connect()
+        self._stores = _Stores(EventLog(nc), StateStore(nc), ResultStore(js), DeadLetters(nc))
         self.health.nc = nc
+        self.health.stuck = self.stuck_consumers
         probe = asyncio.create_task(self.health.probe(self.stopping))
+        router = UnroutedCommands(nc, js, self._stores.results, self._aggregate_names)
         try:
             await ensure_all(js)
-            loops = await self._build(nc, js, list(zip(self.manifest.components, components)))
-            served = frozenset(s.interest.name for s in self.manifest.components if s.interest.role is Role.AGGREGATE)
-            router = UnroutedCommands(nc, js, ResultStore(js), served)
-            for loop in loops:
-                await loop.ensure()
+            preloaded = iter(loaded)
+            for spec in initial:
+                await self.link(spec, next(preloaded) if spec.path else None)
             await router.start()
-            status = StatusReporter(nc, js, self.health, self.manifest.name,
-                                    list(zip(self.manifest.components, components)), loops)
+            status = StatusReporter(nc, js, self.health, self.application, lambda: list(self.links.values()))
             await status.start()
-            log.info("concordance ready", application=self.manifest.name, nats=self.nats_options.url,
-                     components=[s.name for s in self.manifest.components], daemon=status.daemon_id)
-            tasks = [asyncio.create_task(loop.run(self.stopping), name=loop.spec.durable) for loop in loops]
-            for task in tasks:
-                task.add_done_callback(self._loop_ended)
+            if self.on_connected is not None:
+                await self.on_connected(self)
+            log.info("concordance ready", application=self.application, nats=self.nats_options.url,
+                     components=list(self.links), daemon=status.daemon_id)
             await self.stopping.wait()
             log.info("stopping: finishing in-flight messages")
             await router.stop()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            for name in list(self.links):
+                await self.unlink(name)
+            self.consumers_stopped.set()
         finally:
             probe.cancel()
-            await asyncio.gather(*(c.close() for c in components))
+            for linked in self.links.values():
+                await linked.component.close()
+            if self.on_stopped is not None:
+                await self.on_stopped()
             try:
                 await nc.drain()
             except Exception:
@@ -145,33 +198,84 @@ class Daemon:
         if self._failures:
             raise DaemonFailed("; ".join(self._failures))
 
+    def stuck_consumers(self) -> list[str]:
+        return [loop.spec.durable for linked in self.links.values() for loop in linked.loops if loop.stuck_for() > 0]
+
+    async def link(self, spec: ComponentSpec, component: Component | None = None) -> None:
+        """Start a component's consumers (replacing its earlier link, if any); LinkError if it
+        cannot be linked beside the others."""
+        async with self._lock:
+            if self.stopping.is_set():
+                raise LinkError("the daemon is shutting down")
+            current = self.links.get(spec.name)
+            if current is not None and current.spec == spec:
+                return
+            self._check_unique(spec)
+            if current is not None:
+                await self._stop(spec.name)
+            if component is None:
+                component = await load_component(spec, self.cache_dir, self.nc)
+            linked = LinkedComponent(spec, component, await self._loops(spec, component))
+            for loop in linked.loops:
+                await loop.ensure()
+            for loop in linked.loops:
+                task = asyncio.create_task(loop.run(linked.stopping), name=loop.spec.durable)
+                task.add_done_callback(self._loop_ended)
+                linked.tasks.append(task)
+            self.links[spec.name] = linked
+            if spec.interest.role is Role.AGGREGATE:
+                self._aggregate_names.add(spec.interest.name)
+                self._aggregate_streams.add(str(spec.interest.stream))
+            log.info("component linked", component=spec.name, role=spec.interest.role.value,
+                     name=spec.interest.name, runs=spec.location)
+
+    async def unlink(self, name: str) -> bool:
+        """Stop a component's consumers between messages; False if it was not linked."""
+        async with self._lock:
+            return await self._stop(name)
+
+    async def _stop(self, name: str) -> bool:
+        linked = self.links.pop(name, None)
+        if linked is None:
+            return False
+        linked.stopping.set()
+        await asyncio.gather(*linked.tasks, return_exceptions=True)
+        await linked.component.close()
+        if linked.spec.interest.role is Role.AGGREGATE:
+            self._aggregate_names.discard(linked.spec.interest.name)
+            self._aggregate_streams.discard(str(linked.spec.interest.stream))
+        log.info("component unlinked", component=name)
+        return True
+
+    def _check_unique(self, spec: ComponentSpec) -> None:
+        for other in self.links.values():
+            if other.spec.name != spec.name and other.spec.interest.consumer_name == spec.interest.consumer_name:
+                raise LinkError(f"{other.spec.name!r} already declares {spec.interest.consumer_name}; "
+                                f"{spec.name!r} may not declare it too")
+
     def _loop_ended(self, task: asyncio.Task[None]) -> None:
-        """A consumer that ends before shutdown takes the daemon down, loudly, not silently."""
+        """A consumer that ends before it is told to takes the daemon down, loudly, not silently."""
         if task.cancelled() or self.stopping.is_set():
             return
         error = task.exception()
+        if error is None:
+            return  # unlinked
         self._failures.append(f"consumer {task.get_name()} stopped: {error}")
         log.error("consumer stopped unexpectedly; shutting down", consumer=task.get_name(), error=str(error))
         self.stopping.set()
 
-    async def _build(self, nc: NATS, js: JetStreamContext,
-                     loaded: list[tuple[ComponentSpec, Component]]) -> list[ConsumerLoop]:
-        events, states, results, dead = EventLog(nc), StateStore(nc), ResultStore(js), DeadLetters(nc)
-        aggregate_streams = frozenset(s.interest.stream for s, _ in loaded if s.interest.role is Role.AGGREGATE)
-        loops: list[ConsumerLoop] = []
-        for spec, component in loaded:
-            interest = spec.interest
-            if interest.role is Role.AGGREGATE:
-                agg = AggregateWorker(interest, component, events, states, results, dead)
-                loops.append(ConsumerLoop(js, agg.command_consumer(), agg.dispatch_commands))
-                loops.append(ConsumerLoop(js, agg.event_consumer(), agg.dispatch_events))
-            elif interest.role is Role.PROCESS_MANAGER:
-                pm = ProcessManagerWorker(interest, component, states, nc, dead)
-                loops.append(ConsumerLoop(js, pm.consumer(), pm.dispatch))
-            else:
-                bucket = read_model_bucket(interest)
-                await ensure_bucket(js, bucket, atomic=True)
-                handler = StatelessWorker(interest, component, ReadModel(nc, bucket, interest.consumer_name), events,
-                                          aggregate_streams, dead)
-                loops.append(ConsumerLoop(js, handler.consumer(), handler.dispatch))
-        return loops
+    async def _loops(self, spec: ComponentSpec, component: Component) -> list[ConsumerLoop]:
+        assert self.js is not None and self.nc is not None and self._stores is not None
+        js, stores, interest = self.js, self._stores, spec.interest
+        if interest.role is Role.AGGREGATE:
+            agg = AggregateWorker(interest, component, stores.events, stores.states, stores.results, stores.dead)
+            return [ConsumerLoop(js, agg.command_consumer(), agg.dispatch_commands),
+                    ConsumerLoop(js, agg.event_consumer(), agg.dispatch_events)]
+        if interest.role is Role.PROCESS_MANAGER:
+            pm = ProcessManagerWorker(interest, component, stores.states, self.nc, stores.dead)
+            return [ConsumerLoop(js, pm.consumer(), pm.dispatch)]
+        bucket = read_model_bucket(interest)
+        await ensure_bucket(js, bucket, atomic=True)
+        handler = StatelessWorker(interest, component, ReadModel(self.nc, bucket, interest.consumer_name),
+                                  stores.events, self._aggregate_streams, stores.dead)
+        return [ConsumerLoop(js, handler.consumer(), handler.dispatch)]

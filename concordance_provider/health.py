@@ -1,6 +1,7 @@
 """Is the daemon able to do its work? Answered truthfully, and even while NATS is away.
 
-Unhealthy while the NATS connection is down or JetStream has not answered its latest probe.
+Unhealthy while the NATS connection is down, JetStream has not answered its latest probe, or a
+consumer has spent far longer in one turn than its ack wait allows (stuck).
 Served on loopback HTTP (``--health-port``): ``GET /health`` gives 200 or 503 with a JSON body.
 """
 
@@ -10,6 +11,7 @@ import asyncio
 import json
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import structlog
 from nats.aio.client import Client as NATS
@@ -25,17 +27,20 @@ class Health:
     jetstream_ok: bool = False
     last_error: str | None = None
     since: float = field(default_factory=time.monotonic)
+    stuck: Callable[[], list[str]] = lambda: []  # names of consumers that stopped making progress
 
     def report(self) -> dict[str, object]:
         connected = self.nc is not None and self.nc.is_connected
-        healthy = connected and self.jetstream_ok
+        stuck = self.stuck() if connected and self.jetstream_ok else []
         if not connected:
             message = "not connected to NATS"
         elif not self.jetstream_ok:
             message = f"JetStream not answering: {self.last_error}"
+        elif stuck:
+            message = f"consumer(s) stuck: {', '.join(stuck)}"
         else:
             message = None
-        return {"healthy": healthy, "message": message}
+        return {"healthy": message is None, "message": message}
 
     async def probe(self, stopping: asyncio.Event) -> None:
         """Ask JetStream for the account info every few seconds; remember whether it answered."""

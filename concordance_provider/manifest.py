@@ -1,7 +1,8 @@
 """The application manifest: a wadm-style ``Application`` YAML, as wasmCloud users write it.
 
 Each component names its Wasm file (``properties.image: file://...``, relative to the manifest)
-and carries a ``link`` trait whose target is the Concordance provider and whose values hold
+and, optionally, its Python source folder (``properties.source``, from which ``concordance deploy``
+builds it for a wasmCloud host), and carries a ``link`` trait whose target is the Concordance provider and whose values hold
 ROLE, INTEREST, NAME, KEY. Both wadm link shapes are read: ``values: {...}`` and
 ``source: {config: [{properties: {...}}]}``.
 """
@@ -34,10 +35,20 @@ class Grants(BaseModel):
 
 
 class ComponentSpec(BaseModel):
+    """One linked component and where it runs: in-process from ``path``, or on a wasmCloud host
+    answering on ``dispatch_subject``."""
+
     name: str
-    path: Path
     interest: Interest
+    path: Path | None = None
+    dispatch_subject: str | None = None
+    source: Path | None = None
     grants: Grants = Field(default_factory=Grants)
+    link_values: dict[str, str] = Field(default_factory=dict)  # as written, to pass the link on
+
+    @property
+    def location(self) -> str:
+        return str(self.path) if self.path is not None else f"nats:{self.dispatch_subject}"
 
 
 class Manifest(BaseModel):
@@ -81,6 +92,14 @@ def _providers(components: list[dict[str, Any]]) -> set[str]:
     return PROVIDER_NAMES | {str(c.get("name")) for c in components if c.get("type") == "capability"}
 
 
+def _source_dir(props: dict[str, Any], base: Path, component: str) -> Path | None:
+    raw = props.get("source")
+    if raw is None:
+        return None
+    path = Path(str(raw))
+    return path if path.is_absolute() else (base / path).resolve()  # checked by whoever builds it
+
+
 def _component_spec(raw: dict[str, Any], providers: set[str], base: Path) -> ComponentSpec | None:
     name = str(raw.get("name") or "")
     links = [t for t in raw.get("traits") or [] if t.get("type") == "link" and _target_name(t) in providers]
@@ -92,15 +111,19 @@ def _component_spec(raw: dict[str, Any], providers: set[str], base: Path) -> Com
     image = props.get("image")
     if not image:
         raise ManifestError(f"component {name!r} has no properties.image")
+    values = _link_values(links[0])
     try:
-        interest = parse_interest(_link_values(links[0]))
+        interest = parse_interest(values)
         grants = Grants.model_validate(props.get("grants") or {})
     except (LinkError, ValidationError) as exc:
         raise ManifestError(f"component {name!r}: {exc}") from None
-    return ComponentSpec(name=name, path=_image_path(str(image), base, name), interest=interest, grants=grants)
+    return ComponentSpec(name=name, path=_image_path(str(image), base, name), interest=interest, grants=grants,
+                         source=_source_dir(props, base, name), link_values=values)
 
 
-def load_manifest(path: Path) -> Manifest:
+def load_manifest(path: Path, need_files: bool = True) -> Manifest:
+    """Read and check a manifest; ``need_files`` False when its components are to be built and
+    deployed elsewhere rather than run from their files here."""
     if not path.is_file():
         raise ManifestError(f"manifest {path} does not exist")
     try:
@@ -116,8 +139,8 @@ def load_manifest(path: Path) -> Manifest:
     specs = [s for s in (_component_spec(c, providers, path.parent) for c in raw_components) if s]
     if not specs:
         raise ManifestError(f"manifest {path} links no component to Concordance")
-    missing = [f"{s.name} ({s.path})" for s in specs if not s.path.is_file()]
-    if missing:
+    missing = [f"{s.name} ({s.path})" for s in specs if s.path is not None and not s.path.is_file()]
+    if missing and need_files:
         raise ManifestError(f"component file(s) not found: {', '.join(missing)}; build them first (make examples)")
     _check_unique(specs)
     return Manifest(name=str((doc.get("metadata") or {}).get("name", path.stem)), components=specs)

@@ -14,6 +14,7 @@ import socket
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Callable
 
 import structlog
 from nats.aio.client import Client as NATS
@@ -23,10 +24,11 @@ from nats.js.errors import NotFoundError
 
 from . import __version__
 from .health import Health
-from .manifest import ComponentSpec
 from .naming import DEADLETTER_PREFIX, DEADLETTER_STREAM
-from .runtime import Component
 from .workers.base import ConsumerLoop
+
+if TYPE_CHECKING:
+    from .daemon import LinkedComponent
 
 log = structlog.get_logger(__name__)
 
@@ -43,8 +45,7 @@ class StatusReporter:
     js: JetStreamContext
     health: Health
     application: str
-    components: list[tuple[ComponentSpec, Component]]
-    loops: list[ConsumerLoop]
+    links: Callable[[], list[LinkedComponent]]
     daemon_id: str = field(default_factory=new_daemon_id)
     started: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
 
@@ -62,23 +63,27 @@ class StatusReporter:
 
     async def report(self) -> dict[str, object]:
         dead = await self._dead_letters()
+        links = self.links()
         return {
             "daemon": self.daemon_id, "version": __version__, "application": self.application,
             "host": socket.gethostname(), "pid": os.getpid(), "started": self.started,
             "health": self.health.report(),
-            "components": [self._component(spec, component) for spec, component in self.components],
-            "consumers": [await self._consumer(loop, dead) for loop in self.loops],
+            "components": [self._component(linked) for linked in links],
+            "consumers": [await self._consumer(loop, dead) for linked in links for loop in linked.loops],
         }
 
     @staticmethod
-    def _component(spec: ComponentSpec, component: Component) -> dict[str, object]:
+    def _component(linked: LinkedComponent) -> dict[str, object]:
+        spec = linked.spec
         interest = spec.interest.model_dump(mode="json", exclude_none=True)
-        return {"name": spec.name, "file": str(spec.path), "interest": interest, **component.stats.report()}
+        return {"name": spec.name, "runs": spec.location, "interest": interest, **linked.component.stats.report()}
 
     async def _consumer(self, loop: ConsumerLoop, dead: dict[str, int]) -> dict[str, object]:
         name = loop.spec.durable
         report: dict[str, object] = {"name": name, "stream": loop.spec.stream, "filters": list(loop.spec.filter_subjects),
                                      "dead_letters": dead.get(name, 0)}
+        if loop.stuck_for() > 0:
+            report["stuck"] = True
         try:
             info = await self.js.consumer_info(loop.spec.stream, name)
             report.update(pending=info.num_pending, ack_pending=info.num_ack_pending,

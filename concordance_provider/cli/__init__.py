@@ -1,6 +1,6 @@
 """The ``concordance`` command: one module per group of subcommands, all on one app."""
 
-from . import client, daemon, deadletters, maintenance  # noqa: F401 - they register their commands
+from . import client, daemon, deadletters, lattice, maintenance  # noqa: F401 - they register their commands
 from .common import app
 
 

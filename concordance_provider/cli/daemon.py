@@ -1,9 +1,10 @@
-"""Running the daemon and building components: `up`, `build`, `version`."""
+"""Running the daemon and building components: `up`, `provider`, `build`, `version`."""
 
 from __future__ import annotations
 
 import asyncio
 import signal
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -15,7 +16,10 @@ from ..config import NatsOptions
 from ..daemon import Daemon, DaemonFailed
 from ..logging import configure
 from ..manifest import ManifestError, load_manifest
+from ..links import LinkError
+from ..manifest import Manifest
 from ..nats_server import EmbeddedNatsServer, NatsServerError
+from ..provider import HostData, HostDataError, ProviderEndpoint, read_host_data
 from ..runtime.wasmtime_host import ComponentLoadError
 from ..store.streams import IncompatibleStream
 from .common import app, fail
@@ -29,7 +33,8 @@ def version() -> None:
 
 @app.command()
 def up(
-    manifest: Path = typer.Argument(..., help="wadm-style application YAML"),
+    manifest: Optional[Path] = typer.Argument(None, help="wadm-style application YAML; without one, "
+                                              "components are linked at run time (concordance deploy)"),
     nats_url: Optional[str] = typer.Option(None, help="use this NATS server instead of starting one"),
     user: Optional[str] = typer.Option(None, envvar="NATS_USER"),
     password: Optional[str] = typer.Option(None, envvar="NATS_PASSWORD"),
@@ -41,15 +46,20 @@ def up(
                                    help="where the embedded NATS server keeps its data"),
     port: int = typer.Option(4222, help="port of the embedded NATS server (loopback only)"),
     health_port: Optional[int] = typer.Option(None, help="serve GET /health on this loopback port"),
+    lattice: str = typer.Option("default", help="lattice whose provider subjects this daemon serves"),
+    provider_id: str = typer.Option("concordance", help="provider id in wasmbus.rpc.{lattice}.{provider_id}.*"),
     log_level: str = typer.Option("info"),
     log_format: str = typer.Option("auto", help="auto, json or console"),
 ) -> None:
-    """Run the daemon in the foreground until Ctrl-C or SIGTERM."""
+    """Run the daemon in the foreground until Ctrl-C or SIGTERM. Besides the manifest's components,
+    it links any component sent to wasmbus.rpc.{lattice}.{provider_id}.linkdefs.put."""
     configure(log_level, log_format)
-    try:
-        app_manifest = load_manifest(manifest)
-    except ManifestError as exc:
-        fail(str(exc))
+    app_manifest: Manifest | None = None
+    if manifest is not None:
+        try:
+            app_manifest = load_manifest(manifest)
+        except ManifestError as exc:
+            fail(str(exc))
     server = None
     if nats_url is None:
         server = EmbeddedNatsServer(state_dir.resolve(), port)
@@ -60,9 +70,12 @@ def up(
         nats_url = server.url
     options = NatsOptions(url=nats_url, user=user, password=password, token=token,
                           creds_file=creds, tls_ca=tls_ca, js_domain=js_domain)
+    endpoint = ProviderEndpoint(HostData(lattice_rpc_prefix=lattice, provider_key=provider_id, lattice_rpc_url=nats_url))
+    daemon = Daemon(options, app_manifest, health_port=health_port, on_connected=endpoint.start,
+                    on_stopped=endpoint.finish)
     try:
-        asyncio.run(_serve(Daemon(app_manifest, options, health_port=health_port), server))
-    except (ComponentLoadError, IncompatibleStream, DaemonFailed) as exc:
+        asyncio.run(_serve(daemon, server))
+    except (ComponentLoadError, IncompatibleStream, DaemonFailed, LinkError) as exc:
         fail(str(exc))
     except OSError as exc:
         fail(f"cannot reach NATS at {nats_url}: {exc}")
@@ -84,15 +97,40 @@ async def _serve(daemon: Daemon, server: EmbeddedNatsServer | None) -> None:
 
 
 @app.command()
+def provider() -> None:
+    """Run as a wasmCloud host starts a capability provider: HostData on stdin, then serve the
+    provider subjects until the host asks for shutdown (exit 0)."""
+    try:
+        host = read_host_data(sys.stdin.readline())
+    except HostDataError as exc:
+        configure("info", "json")
+        fail(str(exc))
+    configure(host.python_log_level, "json" if host.structured_logging else "console")
+    config = {k.strip().lower(): v for k, v in host.config.items()}
+    options = NatsOptions(url=host.lattice_rpc_url, user_jwt=host.lattice_rpc_user_jwt or None,
+                          user_seed=host.lattice_rpc_user_seed or None, js_domain=config.get("js_domain") or None)
+    endpoint = ProviderEndpoint(host)
+    daemon = Daemon(options, on_connected=endpoint.start, on_stopped=endpoint.finish)
+    try:
+        asyncio.run(_serve(daemon, None))
+    except (IncompatibleStream, DaemonFailed) as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"cannot reach the lattice at {host.lattice_rpc_url}: {exc}")
+
+
+@app.command()
 def build(
     source_dir: Path = typer.Argument(..., help="folder holding the component's app.py"),
     world: str = typer.Option(..., help="aggregate, process-manager or stateless-handler"),
     output: Path = typer.Option(..., "-o", "--output", help="the .wasm file to write"),
     module: str = typer.Option("app", help="the Python module that defines WitWorld"),
+    target: str = typer.Option("embedded", help="embedded (run in-process by the daemon) or lattice "
+                                                "(wasmCloud messaging-handler, run by a wasmCloud host)"),
 ) -> None:
     """Build a Python component against interface/ with componentize-py."""
     try:
-        built = build_component(source_dir, world, output, module)
+        built = build_component(source_dir, world, output, module, target=target)
     except BuildError as exc:
         fail(str(exc))
     typer.echo(f"{output}: {'built' if built else 'up to date'}")

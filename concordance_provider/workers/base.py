@@ -202,6 +202,12 @@ class ConsumerLoop:
         self.spec = spec
         self._dispatch = dispatch
         self._log = log.bind(consumer=spec.durable)
+        self.last_turn = time.monotonic()  # when the loop last came round to fetch
+
+    def stuck_for(self) -> float:
+        """Seconds spent in the current turn beyond what a healthy turn may take, else 0."""
+        allowed = max(120.0, 4 * self.spec.ack_wait)
+        return max(0.0, time.monotonic() - self.last_turn - allowed)
 
     async def ensure(self) -> None:
         """Create the consumer, or update one that exists while keeping where it starts from
@@ -223,6 +229,7 @@ class ConsumerLoop:
         self._log.info("consuming", filters=list(self.spec.filter_subjects))
         try:
             while not stopping.is_set():
+                self.last_turn = time.monotonic()
                 try:
                     batch = await sub.fetch(min(self.spec.batch, self.spec.max_ack_pending), timeout=1.0)
                 except (NatsTimeout, asyncio.TimeoutError):

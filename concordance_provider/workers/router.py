@@ -7,6 +7,7 @@ is answered in ``CC_RESULTS`` with a rejection and removed from the work queue.
 from __future__ import annotations
 
 import asyncio
+from typing import AbstractSet
 
 import structlog
 from nats.aio.client import Client as NATS
@@ -26,7 +27,7 @@ SETTLE_SECONDS = 0.2  # let the stream store the command before looking for it
 
 class UnroutedCommands:
     def __init__(self, nc: NATS, js: JetStreamContext, results: ResultStore,
-                 served: frozenset[str] = frozenset()) -> None:
+                 served: AbstractSet[str] = frozenset()) -> None:
         self._nc = nc
         self._js = js
         self._results = results

@@ -8,6 +8,7 @@ carry a message id derived from the event that caused them. Failure means redeli
 from __future__ import annotations
 
 import asyncio
+from typing import AbstractSet
 
 import structlog
 from nats.aio.msg import Msg
@@ -54,7 +55,7 @@ def read_model_bucket(interest: Interest) -> str:
 
 class StatelessWorker:
     def __init__(self, interest: Interest, component: Component, read_model: ReadModel,
-                 events: EventLog, aggregate_streams: frozenset[str], dead_letters: DeadLetters) -> None:
+                 events: EventLog, aggregate_streams: AbstractSet[str], dead_letters: DeadLetters) -> None:
         self.interest = interest
         self._component = component
         self._read_model = read_model

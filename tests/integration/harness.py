@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import signal
@@ -26,6 +27,7 @@ def example_manifest(folder: Path, additions: dict[str, str]) -> Path:
     """The bank example's manifest, usable from ``folder``, with a link value added after each
     line named in ``additions`` (e.g. ``{"NAME: bankaccount_projector": "MAX_DELIVERIES: 2"}``)."""
     text = EXAMPLE_MANIFEST.read_text().replace("file://./build/", f"file://{EXAMPLE_MANIFEST.parent}/build/")
+    text = text.replace("source: ./", f"source: {EXAMPLE_MANIFEST.parent}/")
     for anchor, value in additions.items():
         text = text.replace(f"{anchor}\n", f"{anchor}\n              {value}\n")
     path = folder / "app.yaml"
@@ -183,3 +185,50 @@ async def events(nc: NATS, subject: str = "cc.events.>",
                 return found
     finally:
         await sub.unsubscribe()
+
+
+def host_data_line(nats_url: str, lattice: str, provider_key: str, links: list[dict[str, Any]],
+                   **fields: Any) -> bytes:
+    """The line a wasmCloud 1.x host writes to a provider's stdin: base64 JSON HostData, CRLF."""
+    host_data = {
+        "host_id": "NHOSTTEST", "lattice_rpc_prefix": lattice, "link_name": "default",
+        "lattice_rpc_user_jwt": "", "lattice_rpc_user_seed": "", "lattice_rpc_url": nats_url,
+        "provider_key": provider_key, "env_values": {}, "instance_id": "test-instance",
+        "link_definitions": links, "cluster_issuers": [], "config": {}, "secrets": {},
+        "host_xkey_public_key": "", "provider_xkey_private_key": "", "default_rpc_timeout_ms": 2000,
+        "structured_logging": True, "log_level": "info", "otel_config": {}, **fields,
+    }
+    return base64.b64encode(json.dumps(host_data).encode()) + b"\r\n"
+
+
+class ProviderProcess:
+    """``concordance provider`` started as a wasmCloud host starts a provider: an empty
+    environment and the HostData line on stdin."""
+
+    def __init__(self, line: bytes, log_path: Path) -> None:
+        self.log_path = log_path
+        self._log = log_path.open("wb")
+        self.process = subprocess.Popen([sys.executable, "-m", "concordance_provider.cli", "provider"],
+                                        stdin=subprocess.PIPE, stdout=self._log, stderr=subprocess.STDOUT,
+                                        env={}, cwd=str(log_path.parent))
+        assert self.process.stdin is not None
+        self.process.stdin.write(line)
+        self.process.stdin.close()
+
+    def logs(self) -> list[dict[str, Any]]:
+        return DaemonProcess.logs(self)  # type: ignore[arg-type]
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
+        DaemonProcess.wait_ready(self, timeout)  # type: ignore[arg-type]
+
+    def wait(self, timeout: float = 60.0) -> int:
+        try:
+            return self.process.wait(timeout)
+        finally:
+            self._log.close()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self._log.close()

@@ -1,0 +1,65 @@
+"""The msgpack envelope of one call from the daemon to a component hosted by a wasmCloud host.
+
+The daemon sends a ``CallRequest`` as a NATS request on the component's dispatch subject; the
+component (``guest/concordance_guest.py``) answers with a ``CallReply``. A stateless handler
+reads its read model and publishes events through ``CallbackRequest`` messages sent to the
+request's ``callback`` subject while the call runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgpack
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+ENVELOPE_VERSION = 1
+
+CallName = Literal["handle-command", "apply-event", "handle-event", "apply-stateless-event"]
+
+
+class EnvelopeError(ValueError):
+    """Bytes that are not a valid envelope."""
+
+
+class _Envelope(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    def encode(self) -> bytes:
+        return msgpack.packb(self.model_dump(mode="python"))
+
+    @classmethod
+    def decode(cls, data: bytes) -> Any:
+        try:
+            return cls.model_validate(msgpack.unpackb(data))
+        except (ValueError, ValidationError, msgpack.UnpackException) as exc:
+            raise EnvelopeError(f"not a {cls.__name__}: {exc}") from None
+
+
+class CallRequest(_Envelope):
+    v: int = ENVELOPE_VERSION
+    call: CallName
+    args: dict[str, Any]
+    callback: str | None = None
+    timeout_ms: int = 5000
+
+
+class CallReply(_Envelope):
+    """Exactly one of ``ok`` (with ``puts``), ``err`` (a decision) or ``fault`` (a bug) is meaningful."""
+
+    v: int
+    ok: Any = None
+    err: str | None = None
+    fault: str | None = None
+    puts: dict[str, str | None] = {}
+
+
+class CallbackRequest(_Envelope):
+    op: Literal["get", "publish"]
+    key: str
+    event: dict[str, str] | None = None
+
+
+class CallbackReply(_Envelope):
+    value: str | None = None
+    error: str | None = None
