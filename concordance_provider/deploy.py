@@ -158,14 +158,20 @@ async def start_workload(nc: NATS, host_id: str, placement: Placement) -> None:
              subject=placement.dispatch_subject)
 
 
-async def link(nc: NATS, lattice: str, provider_id: str, placement: Placement) -> None:
+async def link(nc: NATS, lattice: str, provider_id: str, placement: Placement, wait: float = 30.0) -> None:
+    """Send the link to the daemon, waiting up to ``wait`` seconds for one that is starting."""
     subject = f"wasmbus.rpc.{lattice}.{provider_id}.linkdefs.put"
     body = json.dumps(placement.link_definition(provider_id)).encode()
-    try:
-        msg = await nc.request(subject, body, timeout=30)
-    except NoRespondersError:
-        raise DeployError(f"no Concordance daemon serves lattice {lattice!r} as {provider_id!r}; "
-                          f"start one with `concordance up --nats-url ...`") from None
+    deadline = asyncio.get_running_loop().time() + wait
+    while True:
+        try:
+            msg = await nc.request(subject, body, timeout=30)
+            break
+        except NoRespondersError:
+            if asyncio.get_running_loop().time() > deadline:
+                raise DeployError(f"no Concordance daemon serves lattice {lattice!r} as {provider_id!r}; "
+                                  f"start one with `concordance up --nats-url ...`") from None
+            await asyncio.sleep(0.5)
     answer = json.loads(msg.data)
     if not answer.get("accepted"):
         raise DeployError(f"the daemon refused the link of {placement.spec.name!r}: {answer.get('error')}")

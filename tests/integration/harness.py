@@ -48,10 +48,10 @@ def nats_server(tmp_path: Path) -> Iterator[EmbeddedNatsServer]:
 class DaemonProcess:
     """``concordance up`` as a user runs it, logging JSON to a file."""
 
-    def __init__(self, manifest: Path, log_path: Path, *args: str) -> None:
+    def __init__(self, manifest: Path | None, log_path: Path, *args: str) -> None:
         self.log_path = log_path
         self._log = log_path.open("wb")
-        command = [sys.executable, "-m", "concordance_provider.cli", "up", str(manifest),
+        command = [sys.executable, "-m", "concordance_provider.cli", "up", *([str(manifest)] if manifest else []),
                    "--log-format", "json", *args]
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT,
                                         stdin=subprocess.DEVNULL)
@@ -88,7 +88,7 @@ class DaemonProcess:
 
 
 @contextmanager
-def daemon(manifest: Path, log_path: Path, *args: str) -> Iterator[DaemonProcess]:
+def daemon(manifest: Path | None, log_path: Path, *args: str) -> Iterator[DaemonProcess]:
     process = DaemonProcess(manifest, log_path, *args)
     try:
         process.wait_ready()

@@ -1,0 +1,91 @@
+"""The bank example with its components hosted by a real wasmCloud 2 host (`wash host`).
+
+The stack, all on loopback and all started here: nats-server, Debian's docker-registry, `wash
+host`, the daemon (`concordance up` with no manifest) and `concordance deploy --watch`, which
+builds the example's unchanged sources for the messaging-handler world, pushes them, starts them
+as workloads and links them to the daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from .harness import client, daemon, eventually, kv_json, ledger, nats_server, result, send
+from .lattice_stack import Deployment, WashHost, registry
+from .test_bankaccount import _account, _original, _projected_balance, _sorted_types, _wire
+
+pytestmark = pytest.mark.integration
+
+MANIFEST = Path(__file__).resolve().parents[2] / "examples" / "bankaccount" / "app.yaml"
+
+
+@pytest.fixture(scope="module")
+def lattice(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("lattice")
+    with nats_server(tmp) as server, registry(tmp / "registry") as registry_address:
+        host = WashHost(server.url, tmp / "wash")
+        try:
+            with daemon(None, tmp / "daemon.log", "--nats-url", server.url) as process:
+                deployment = Deployment(MANIFEST, registry_address, server.url, host.host_id, tmp / "deploy.log")
+                try:
+                    yield {"url": server.url, "host": host, "daemon": process, "tmp": tmp}
+                finally:
+                    deployment.stop()
+        finally:
+            host.stop()
+
+
+async def test_original_scenario_ends_at_6000_on_a_wasmcloud_host(lattice):
+    async with client(lattice["url"]) as nc:
+        seqs = [await send(nc, "bankaccount", _original(name)) for name in
+                ("create_account_cmd", "deposit_cmd_1", "deposit_cmd_2", "withdraw_cmd_1")]
+        outcomes = [await result(nc, seq, timeout=120) for seq in seqs]
+        assert [o["status"] for o in outcomes] == ["accepted"] * 4
+        assert (await kv_json(nc, "CC_STATE", "agg.bankaccount.ABC123"))["balance"] == 6000
+        assert await eventually(lambda: _projected_balance(nc, "ABC123"), 6000, timeout=60) == 6000
+        assert len(await ledger(nc, "ABC123")) == 4
+        status = json.loads((await nc.request("cc.status", b"", timeout=10)).data)
+        runs = {c["name"]: c["runs"] for c in status["components"]}
+        assert runs["bankaccount-aggregate"] == "nats:cc.dispatch.default.bankaccount-aggregate"
+
+
+async def test_wire_transfer_through_the_process_manager_on_a_wasmcloud_host(lattice):
+    async with client(lattice["url"]) as nc:
+        await result(nc, await send(nc, "bankaccount", _account("LWIRE", 5000, minimum=100)), timeout=120)
+        await _wire(nc, "LWIRE", "LWT-OK", 1200, "123456789")
+        final = ["wire_transfer_initiated", "funds_reserved", "wire_transfer_succeeded", "funds_committed"]
+        assert await eventually(lambda: _sorted_types(nc, "LWT-OK"), sorted(final), timeout=120) == sorted(final)
+        state = await kv_json(nc, "CC_STATE", "agg.bankaccount.LWIRE")
+        assert state["balance"] == 3800 and state["reservedFunds"] == {}
+        assert await eventually(lambda: _projected_balance(nc, "LWIRE"), 3800, timeout=60) == 3800
+
+
+async def test_killing_the_host_mid_run_loses_nothing(lattice):
+    accounts = [f"K{i}" for i in range(4)]
+    deposits = 12
+    async with client(lattice["url"]) as nc:
+        for account in accounts:
+            assert (await result(nc, await send(nc, "bankaccount", _account(account, 0)), timeout=120))["status"] == "accepted"
+        seqs = []
+        for n in range(deposits):
+            for account in accounts:
+                seqs.append(await send(nc, "bankaccount", {"command_type": "deposit_funds", "key": account, "data": {
+                    "accountNumber": account, "amount": n + 1, "customerId": "C1"}}))
+            if n == 2:
+                lattice["host"].kill()  # with commands queued and in flight
+        killed_at = time.monotonic()
+        await asyncio.sleep(2)
+        lattice["host"] = WashHost(lattice["url"], lattice["tmp"] / "wash", name="restarted")
+        outcomes = [await result(nc, seq, timeout=240) for seq in seqs]
+        assert [o["status"] for o in outcomes] == ["accepted"] * len(seqs)
+        expected = sum(range(1, deposits + 1))
+        for account in accounts:
+            assert (await kv_json(nc, "CC_STATE", f"agg.bankaccount.{account}"))["balance"] == expected
+            assert await eventually(lambda: _projected_balance(nc, account), expected, timeout=180) == expected
+            assert len(await ledger(nc, account)) == deposits + 1  # each event applied exactly once
+        print(f"recovered {time.monotonic() - killed_at:.1f}s after the kill")
