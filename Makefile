@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 EXAMPLE := examples/bankaccount
 BUILD := $(EXAMPLE)/build
 
-.PHONY: setup run test examples bench faults clean
+.PHONY: setup run test examples bench faults clean registry
 
 $(BIN)/concordance: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,11 +24,17 @@ examples: setup
 run: examples
 	$(BIN)/concordance up $(EXAMPLE)/app.yaml
 
-test: examples
+# Debian's OCI registry, for the tests and benchmarks that run components on a wasmCloud host.
+registry:
+	command -v docker-registry >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-registry >/dev/null)
+
+test: examples registry
 	$(BIN)/python -m pytest -q
 
-bench: examples
+bench: examples registry
 	$(BIN)/python -m benchmarks.bench
+	$(BIN)/python -m benchmarks.lattice
 
 faults: examples
 	$(BIN)/python -m faults.suite

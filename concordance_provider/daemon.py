@@ -117,6 +117,7 @@ class Daemon:
     # Serves the provider subjects once connected (see provider.py); None: manifest links only.
     on_connected: Callable[["Daemon"], Awaitable[None]] | None = None
     on_stopped: Callable[[], Awaitable[None]] | None = None
+    stuck_after: float = 120.0  # seconds one consumer turn may take before health says stuck
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     consumers_stopped: asyncio.Event = field(default_factory=asyncio.Event)
     health: Health = field(default_factory=Health)
@@ -199,7 +200,8 @@ class Daemon:
             raise DaemonFailed("; ".join(self._failures))
 
     def stuck_consumers(self) -> list[str]:
-        return [loop.spec.durable for linked in self.links.values() for loop in linked.loops if loop.stuck_for() > 0]
+        return [loop.spec.durable for linked in self.links.values() for loop in linked.loops
+                if loop.turn_seconds() > self.stuck_after]
 
     async def link(self, spec: ComponentSpec, component: Component | None = None) -> None:
         """Start a component's consumers (replacing its earlier link, if any); LinkError if it

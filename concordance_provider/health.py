@@ -1,7 +1,7 @@
 """Is the daemon able to do its work? Answered truthfully, and even while NATS is away.
 
 Unhealthy while the NATS connection is down, JetStream has not answered its latest probe, or a
-consumer has spent far longer in one turn than its ack wait allows (stuck).
+consumer has spent longer on one batch than `--stuck-after` allows (stuck).
 Served on loopback HTTP (``--health-port``): ``GET /health`` gives 200 or 503 with a JSON body.
 """
 

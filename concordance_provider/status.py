@@ -82,7 +82,7 @@ class StatusReporter:
         name = loop.spec.durable
         report: dict[str, object] = {"name": name, "stream": loop.spec.stream, "filters": list(loop.spec.filter_subjects),
                                      "dead_letters": dead.get(name, 0)}
-        if loop.stuck_for() > 0:
+        if name in self.health.stuck():
             report["stuck"] = True
         try:
             info = await self.js.consumer_info(loop.spec.stream, name)

@@ -46,6 +46,8 @@ def up(
                                    help="where the embedded NATS server keeps its data"),
     port: int = typer.Option(4222, help="port of the embedded NATS server (loopback only)"),
     health_port: Optional[int] = typer.Option(None, help="serve GET /health on this loopback port"),
+    stuck_after: float = typer.Option(120.0, help="seconds a consumer may spend on one batch before health "
+                                                   "reports it stuck"),
     lattice: str = typer.Option("default", help="lattice whose provider subjects this daemon serves"),
     provider_id: str = typer.Option("concordance", help="provider id in wasmbus.rpc.{lattice}.{provider_id}.*"),
     log_level: str = typer.Option("info"),
@@ -72,7 +74,7 @@ def up(
                           creds_file=creds, tls_ca=tls_ca, js_domain=js_domain)
     endpoint = ProviderEndpoint(HostData(lattice_rpc_prefix=lattice, provider_key=provider_id, lattice_rpc_url=nats_url))
     daemon = Daemon(options, app_manifest, health_port=health_port, on_connected=endpoint.start,
-                    on_stopped=endpoint.finish)
+                    on_stopped=endpoint.finish, stuck_after=stuck_after)
     try:
         asyncio.run(_serve(daemon, server))
     except (ComponentLoadError, IncompatibleStream, DaemonFailed, LinkError) as exc:
