@@ -27,7 +27,7 @@ from typing import Any
 import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .daemon import Daemon
 from .links import LinkError, parse_interest
@@ -88,9 +88,27 @@ class HostData(BaseModel):
     structured_logging: bool = False
     log_level: str | None = None
 
+    @model_validator(mode="after")
+    def _usable_credentials(self) -> "HostData":
+        if bool(self.lattice_rpc_user_jwt) != bool(self.lattice_rpc_user_seed):
+            raise ValueError("lattice_rpc_user_jwt and lattice_rpc_user_seed go together: give both or neither")
+        if self.lattice_rpc_user_seed:
+            import nkeys  # installed with nats-py[nkeys]
+
+            try:
+                nkeys.from_seed(self.lattice_rpc_user_seed.encode())
+            except Exception:  # nkeys raises its own errors, or ValueError from base32
+                raise ValueError("lattice_rpc_user_seed is not a valid nkey seed") from None
+        return self
+
     @property
     def python_log_level(self) -> str:
         return LOG_LEVELS.get((self.log_level or "info").lower(), "info")
+
+
+def describe(exc: ValidationError) -> str:
+    """What is wrong and where, without echoing the input (HostData carries a secret seed)."""
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors())
 
 
 def read_host_data(line: str) -> HostData:
@@ -109,7 +127,7 @@ def read_host_data(line: str) -> HostData:
     try:
         return HostData.model_validate(doc)
     except ValidationError as exc:
-        raise HostDataError(f"HostData is invalid: {exc}") from None
+        raise HostDataError(f"HostData is invalid: {describe(exc)}") from None
 
 
 def link_spec(link: LinkDefinition, lattice: str, defaults: dict[str, str]) -> ComponentSpec:
@@ -134,7 +152,7 @@ def parse_link(body: bytes | dict[str, Any]) -> LinkDefinition:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise LinkError(f"link definition is not JSON: {exc}") from None
     except ValidationError as exc:
-        raise LinkError(f"link definition is invalid: {exc}") from None
+        raise LinkError(f"link definition is invalid: {describe(exc)}") from None
 
 
 class ProviderEndpoint:

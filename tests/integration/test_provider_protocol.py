@@ -135,3 +135,55 @@ async def _balance(nc, account: str):
 
 async def _consumer(nc, durable: str):
     return await nc.jetstream().consumer_info("CC_EVENTS", durable)
+
+
+async def test_provider_connects_with_the_host_data_jwt_and_seed(example_components, tmp_path):
+    from .test_security import _operator_setup, configured_server
+
+    settings, creds = _operator_setup(tmp_path)
+    lines = creds.read_text().splitlines()
+    jwt = lines[lines.index("-----BEGIN NATS USER JWT-----") + 1]
+    seed = next(line for line in lines if line.startswith("SU"))
+    lattice = "jwtlattice"
+    with configured_server(tmp_path, settings) as url:
+        provider = ProviderProcess(host_data_line(url, lattice, PROVIDER, [_aggregate(example_components)],
+                                                  lattice_rpc_user_jwt=jwt, lattice_rpc_user_seed=seed),
+                                   tmp_path / "provider.log")
+        try:
+            provider.wait_ready()
+            async with nats_client_with(url, creds) as nc:
+                created = await result(nc, await send(nc, "bankaccount", {
+                    "command_type": "create_account", "key": "J1",
+                    "data": {"accountNumber": "J1", "initialBalance": 7, "customerId": "C1"}}))
+                assert created["status"] == "accepted"
+                reply = await _ask(nc, f"wasmbus.rpc.{lattice}.{PROVIDER}.default.shutdown", {"host_id": "NHOSTTEST"})
+                assert reply == {"accepted": True}
+            assert provider.wait() == 0
+        finally:
+            provider.stop()
+        assert seed not in (tmp_path / "provider.log").read_text()
+
+        wrong = ProviderProcess(host_data_line(url, lattice, PROVIDER, [], lattice_rpc_user_jwt=jwt,
+                                               lattice_rpc_user_seed="SUANOTAREALSEED"), tmp_path / "wrong.log")
+        try:
+            assert wrong.wait(60) == 2
+        finally:
+            wrong.stop()
+        output = (tmp_path / "wrong.log").read_text()
+        assert "Traceback" not in output and "not a valid nkey seed" in output and "SUANOTAREALSEED" not in output
+
+
+def nats_client_with(url: str, creds: Path):
+    import contextlib
+
+    import nats
+
+    @contextlib.asynccontextmanager
+    async def connected():
+        nc = await nats.connect(url, user_credentials=str(creds))
+        try:
+            yield nc
+        finally:
+            await nc.close()
+
+    return connected()
