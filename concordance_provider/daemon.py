@@ -217,9 +217,13 @@ class Daemon:
                 await self._stop(spec.name)
             if component is None:
                 component = await load_component(spec, self.cache_dir, self.nc)
-            linked = LinkedComponent(spec, component, await self._loops(spec, component))
-            for loop in linked.loops:
-                await loop.ensure()
+            try:
+                linked = LinkedComponent(spec, component, await self._loops(spec, component))
+                for loop in linked.loops:
+                    await loop.ensure()
+            except BaseException:
+                await component.close()
+                raise
             for loop in linked.loops:
                 task = asyncio.create_task(loop.run(linked.stopping), name=loop.spec.durable)
                 task.add_done_callback(self._loop_ended)

@@ -142,7 +142,7 @@ async def _host_request(nc: NATS, host_id: str, verb: str, body: dict[str, Any],
 
 
 async def start_workload(nc: NATS, host_id: str, placement: Placement) -> None:
-    """Start the workload unless it already runs there with this image."""
+    """Start the workload, replacing one of the same id (an earlier deploy's) on that host."""
     try:
         current = await _host_request(nc, host_id, "status", {"workloadId": placement.workload_id}, 10)
         if current.workload_status.workload_state == RUNNING:

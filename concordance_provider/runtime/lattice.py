@@ -100,6 +100,8 @@ class LatticeComponent:
         """A private inbox, for this call only, answering the handler's reads and publishes."""
 
         async def answer(msg: Msg) -> None:
+            if not msg.reply:
+                return
             try:
                 reply = await asyncio.to_thread(self._callback, CallbackRequest.decode(msg.data), effects)
             except EnvelopeError as exc:
