@@ -88,12 +88,13 @@ def _status_text(report: dict) -> str:
         latency = component.get("latency") or {}
         lines.append(f"  component {component['name']}: {component['interest']['role']} {component['interest']['name']}"
                      f", {component['calls']} calls, {component['failures']} failed"
-                     f", p50 {latency.get('p50_ms', '-')} ms, p99 {latency.get('p99_ms', '-')} ms")
+                     f", p50 {latency.get('p50_ms', '-')} ms, p99 {latency.get('p99_ms', '-')} ms"
+                     f", runs {component.get('runs', '?')}")
         lines.extend(f"    error {e['time']}: {e['error']}" for e in component.get("recent_errors", [])[-3:])
     for consumer in report.get("consumers", []):
         lines.append(f"  consumer {consumer['name']}: pending {consumer.get('pending', '?')}, ack pending "
                      f"{consumer.get('ack_pending', '?')}, redelivered {consumer.get('redelivered', '?')}, "
-                     f"dead letters {consumer['dead_letters']}")
+                     f"dead letters {consumer['dead_letters']}{', STUCK' if consumer.get('stuck') else ''}")
     return "\n".join(lines)
 
 
