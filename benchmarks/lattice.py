@@ -57,8 +57,9 @@ class Figures:
 
 
 def _daemon(nats_url: str, log_path: Path, manifest: Path | None) -> subprocess.Popen[bytes]:
-    command = [sys.executable, "-m", "concordance_provider.cli", "up", *([str(manifest)] if manifest else []),
-               "--nats-url", nats_url, "--log-level", "warning"]
+    where = [str(manifest)] if manifest else ["--lattice", "default"]
+    command = [sys.executable, "-m", "concordance_provider.cli", "up", *where, "--nats-url", nats_url,
+               "--log-level", "warning"]
     with log_path.open("wb") as log_file:
         return subprocess.Popen(command, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT)
 

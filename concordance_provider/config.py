@@ -6,6 +6,7 @@ import base64
 import ssl
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, SecretStr
 
@@ -20,6 +21,13 @@ class NatsOptions(BaseModel):
     user_seed: SecretStr | None = None
     tls_ca: Path | None = None
     js_domain: str | None = None
+
+    @property
+    def safe_url(self) -> str:
+        """The URL without any user:password in it, for logs."""
+        parsed = urlsplit(self.url)
+        return parsed._replace(netloc=parsed.hostname + (f":{parsed.port}" if parsed.port else "")).geturl() \
+            if parsed.username or parsed.password else self.url
 
     def connect_kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"servers": [self.url], "max_reconnect_attempts": -1, "reconnect_time_wait": 1}

@@ -177,18 +177,17 @@ class Daemon:
             await status.start()
             if self.on_connected is not None:
                 await self.on_connected(self)
-            log.info("concordance ready", application=self.application, nats=self.nats_options.url,
+            log.info("concordance ready", application=self.application, nats=self.nats_options.safe_url,
                      components=list(self.links), daemon=status.daemon_id)
             await self.stopping.wait()
             log.info("stopping: finishing in-flight messages")
             await router.stop()
-            for name in list(self.links):
-                await self.unlink(name)
-            self.consumers_stopped.set()
         finally:
             probe.cancel()
-            for linked in self.links.values():
-                await linked.component.close()
+            async with self._lock:  # a link being made now is made before this, then stopped
+                while self.links:
+                    await self._stop(next(iter(self.links)))
+            self.consumers_stopped.set()
             if self.on_stopped is not None:
                 await self.on_stopped()
             try:
@@ -213,8 +212,7 @@ class Daemon:
             if current is not None and current.spec == spec:
                 return
             self._check_unique(spec)
-            if current is not None:
-                await self._stop(spec.name)
+            # The new link is made ready before the old one stops: if it cannot be, the old one stays.
             if component is None:
                 component = await load_component(spec, self.cache_dir, self.nc)
             try:
@@ -224,6 +222,8 @@ class Daemon:
             except BaseException:
                 await component.close()
                 raise
+            if current is not None:
+                await self._stop(spec.name)
             for loop in linked.loops:
                 task = asyncio.create_task(loop.run(linked.stopping), name=loop.spec.durable)
                 task.add_done_callback(self._loop_ended)

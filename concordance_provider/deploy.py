@@ -170,9 +170,14 @@ async def link(nc: NATS, lattice: str, provider_id: str, placement: Placement, w
         except NoRespondersError:
             if asyncio.get_running_loop().time() > deadline:
                 raise DeployError(f"no Concordance daemon serves lattice {lattice!r} as {provider_id!r}; "
-                                  f"start one with `concordance up --nats-url ...`") from None
+                                  f"start one with `concordance up --lattice {lattice} ...`") from None
             await asyncio.sleep(0.5)
-    answer = json.loads(msg.data)
+        except (NatsTimeout, asyncio.TimeoutError):
+            raise DeployError(f"the daemon did not answer the link of {placement.spec.name!r} within 30s") from None
+    try:
+        answer = json.loads(msg.data)
+    except ValueError:
+        raise DeployError(f"the daemon answered the link with {msg.data[:200]!r}") from None
     if not answer.get("accepted"):
         raise DeployError(f"the daemon refused the link of {placement.spec.name!r}: {answer.get('error')}")
     log.info("component linked", component=placement.spec.name, subject=placement.dispatch_subject)
@@ -207,7 +212,7 @@ async def watch(nc: NATS, host_id: str, placements: list[Placement], stopping: a
             try:
                 await place(nc, heard, placements)
                 host_id = heard
-            except DeployError as exc:
+            except Exception as exc:  # noqa: BLE001 - keep watching whatever went wrong this time
                 log.error("could not place the workloads; will try at the next heartbeat", error=str(exc))
     finally:
         await sub.unsubscribe()

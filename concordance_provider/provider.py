@@ -142,6 +142,8 @@ def link_spec(link: LinkDefinition, lattice: str, defaults: dict[str, str]) -> C
             raise LinkError(f"COMPONENT_FILE {component_file} does not exist on this machine")
         return ComponentSpec(name=link.link_id, interest=interest, path=path)
     subject = values.get("DISPATCH_SUBJECT") or f"cc.dispatch.{lattice}.{link.source_id}"
+    if any(not token or token in ("*", ">") or any(c.isspace() for c in token) for token in subject.split(".")):
+        raise LinkError(f"DISPATCH_SUBJECT {subject!r} is not a NATS subject without wildcards")
     return ComponentSpec(name=link.link_id, interest=interest, dispatch_subject=subject)
 
 
@@ -172,7 +174,10 @@ class ProviderEndpoint:
         """Link the HostData's links, then serve; called once the daemon is connected."""
         self._daemon, self._nc = daemon, daemon.nc
         for raw in self.host.link_definitions:
-            await self._apply_put(raw)
+            try:
+                await self._apply_put(raw)
+            except Exception as exc:  # noqa: BLE001 - one link that cannot start must not stop the rest
+                self._logger.exception("link from HostData could not be started", error=str(exc))
         assert self._nc is not None
         handlers = {"linkdefs.put": self._on_put, "linkdefs.del": self._on_del, "health": self._on_health,
                     "config.update": self._on_config, "default.shutdown": self._on_shutdown}
@@ -187,7 +192,8 @@ class ProviderEndpoint:
                 answer = await handler(msg)
             except Exception as exc:  # noqa: BLE001 - a bad request must never take the provider down
                 self._logger.exception("provider request failed", request=what, error=str(exc))
-                answer = {"accepted": False, "error": f"internal error: {exc}"}
+                answer = {"accepted": False, "error": f"the provider could not do this ({type(exc).__name__}); "
+                                                      f"see its log"}
             if answer is not None and msg.reply:
                 await msg.respond(json.dumps(answer).encode())
         return run
@@ -252,10 +258,11 @@ class ProviderEndpoint:
         except ValueError:
             body = {}
         host_id = body.get("host_id") if isinstance(body, dict) else None
-        if host_id and self.host.host_id and host_id != self.host.host_id:
-            self._logger.warning("shutdown request from another host ignored", host_id=host_id)
+        if not self.host.host_id or host_id != self.host.host_id:
+            # Only the host that started this provider may stop it (`concordance up` has no host).
+            self._logger.warning("shutdown request refused: not from this provider's host", host_id=host_id)
             if msg.reply:
-                await msg.respond(json.dumps({"accepted": False, "error": "not my host"}).encode())
+                await msg.respond(json.dumps({"accepted": False, "error": "not this provider's host"}).encode())
             return None
         self._logger.info("shutdown requested by the host")
         assert self._daemon is not None

@@ -48,14 +48,17 @@ def up(
     health_port: Optional[int] = typer.Option(None, help="serve GET /health on this loopback port"),
     stuck_after: float = typer.Option(120.0, help="seconds a consumer may spend on one batch before health "
                                                    "reports it stuck"),
-    lattice: str = typer.Option("default", help="lattice whose provider subjects this daemon serves"),
+    lattice: Optional[str] = typer.Option(None, help="also take links at run time on this lattice's provider "
+                                                     "subjects (concordance deploy sends them there)"),
     provider_id: str = typer.Option("concordance", help="provider id in wasmbus.rpc.{lattice}.{provider_id}.*"),
     log_level: str = typer.Option("info"),
     log_format: str = typer.Option("auto", help="auto, json or console"),
 ) -> None:
-    """Run the daemon in the foreground until Ctrl-C or SIGTERM. Besides the manifest's components,
-    it links any component sent to wasmbus.rpc.{lattice}.{provider_id}.linkdefs.put."""
+    """Run the daemon in the foreground until Ctrl-C or SIGTERM. With --lattice it also links any
+    component sent to wasmbus.rpc.{lattice}.{provider_id}.linkdefs.put."""
     configure(log_level, log_format)
+    if manifest is None and lattice is None:
+        fail("nothing to run: give a manifest, or --lattice to take links at run time")
     app_manifest: Manifest | None = None
     if manifest is not None:
         try:
@@ -72,9 +75,10 @@ def up(
         nats_url = server.url
     options = NatsOptions(url=nats_url, user=user, password=password, token=token,
                           creds_file=creds, tls_ca=tls_ca, js_domain=js_domain)
-    endpoint = ProviderEndpoint(HostData(lattice_rpc_prefix=lattice, provider_key=provider_id, lattice_rpc_url=nats_url))
-    daemon = Daemon(options, app_manifest, health_port=health_port, on_connected=endpoint.start,
-                    on_stopped=endpoint.finish, stuck_after=stuck_after)
+    endpoint = None if lattice is None else ProviderEndpoint(
+        HostData(lattice_rpc_prefix=lattice, provider_key=provider_id, lattice_rpc_url=nats_url))
+    daemon = Daemon(options, app_manifest, health_port=health_port, stuck_after=stuck_after,
+                    on_connected=endpoint.start if endpoint else None, on_stopped=endpoint.finish if endpoint else None)
     try:
         asyncio.run(_serve(daemon, server))
     except (ComponentLoadError, IncompatibleStream, DaemonFailed, LinkError) as exc:

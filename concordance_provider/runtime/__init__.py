@@ -3,6 +3,7 @@
 from .component import (
     Component,
     ComponentFailed,
+    ComponentUnavailable,
     Event,
     HandlerEffects,
     OutputCommand,
@@ -13,6 +14,7 @@ from .component import (
 __all__ = [
     "Component",
     "ComponentFailed",
+    "ComponentUnavailable",
     "Event",
     "HandlerEffects",
     "OutputCommand",

@@ -37,6 +37,11 @@ class ComponentFailed(Exception):
     """The component trapped, ran out of time or memory, or returned something unusable."""
 
 
+class ComponentUnavailable(Exception):
+    """Nobody answered for the component (its host is down or gone): an outage, not the
+    message's fault, so the message waits without being counted against it."""
+
+
 @dataclass
 class HandlerEffects:
     """What a stateless handler asked for during one call; applied only if the call succeeds."""
@@ -62,7 +67,8 @@ class Component(Protocol):
         self, aggregate: str, command_type: str, key: str, state: str | None, payload: str
     ) -> list[Event]: ...
 
-    async def apply_event(self, event: Event, state: str | None) -> str | None: ...
+    async def apply_event(self, event: Event, state: str | None) -> str | None:
+        """Fold one event; an ``err`` answer raises ComponentFailed (folding has no decisions)."""
 
     async def handle_event(self, event: Event, state: str | None) -> ProcessManagerAck: ...
 

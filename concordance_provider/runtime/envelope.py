@@ -11,11 +11,11 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import msgpack
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
 ENVELOPE_VERSION = 1
 
-CallName = Literal["handle-command", "apply-event", "handle-event", "apply-stateless-event"]
+CallName = Literal["handle-command", "apply-event", "handle-event", "apply-stateless-event", "ping"]
 
 
 class EnvelopeError(ValueError):
@@ -63,3 +63,34 @@ class CallbackRequest(_Envelope):
 class CallbackReply(_Envelope):
     value: str | None = None
     error: str | None = None
+
+
+class _Answer(BaseModel):
+    """What a component's ``ok`` holds; strict, so a wrongly typed answer is a component failure."""
+
+    model_config = ConfigDict(strict=True, frozen=True)
+
+
+class EventOut(_Answer):
+    event_type: str
+    stream: str
+    payload: str
+
+
+class StateOut(_Answer):
+    state: str | None
+
+
+class CommandOut(_Answer):
+    command_type: str
+    aggregate_stream: str
+    aggregate_key: str
+    json_payload: str
+
+
+class ProcessOut(_Answer):
+    state: str | None
+    commands: list[CommandOut]
+
+
+EVENTS_OUT: TypeAdapter[list[EventOut]] = TypeAdapter(list[EventOut])

@@ -271,7 +271,10 @@ class WasmtimeComponent:
             raise ComponentFailed(f"component {self.name!r} returned malformed events") from None
 
     async def apply_event(self, event: Event, state: str | None) -> str | None:
-        ack = await self._run("apply-event", _record(event=_event_record(event), state=state))
+        try:
+            ack = await self._run("apply-event", _record(event=_event_record(event), state=state))
+        except RejectedByComponent as exc:
+            raise ComponentFailed(f"component {self.name!r} refused to apply {event.event_type}: {exc}") from None
         return ack.state
 
     async def handle_event(self, event: Event, state: str | None) -> ProcessManagerAck:

@@ -25,7 +25,7 @@ from nats.js.errors import NotFoundError
 
 from ..links import Interest
 from ..naming import RETRY_FOR, InvalidName
-from ..runtime import Event
+from ..runtime import ComponentUnavailable, Event
 from ..store.deadletters import DeadLetter, DeadLetters
 from ..store.events import LoggedEvent
 from ..wire import BadMessage
@@ -158,6 +158,10 @@ class Settler:
                 return await self._bury(msg, f"{exc} (after {failures} attempts)")
             self.logger.warning("handling failed; will retry", subject=msg.subject, error=str(exc),
                                 attempt=failures, max_deliveries=self.max_deliveries)
+            await self._nak(msg)
+            return False
+        except ComponentUnavailable as exc:  # its host is away: wait for it, quietly
+            self.logger.warning("component unavailable; will retry", subject=msg.subject, error=str(exc))
             await self._nak(msg)
             return False
         except Exception as exc:  # an outage or a bug, not the message's fault: never buried for it

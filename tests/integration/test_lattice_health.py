@@ -6,6 +6,7 @@ import asyncio
 import json
 
 import msgpack
+import nats
 import pytest
 
 from .harness import client, daemon, eventually, nats_server, result, send
@@ -17,7 +18,7 @@ RPC = "wasmbus.rpc.default.concordance"
 
 async def test_a_consumer_stuck_on_a_silent_host_is_unhealthy_until_it_answers(tmp_path):
     with nats_server(tmp_path) as server, daemon(None, tmp_path / "daemon.log", "--nats-url", server.url,
-                                                 "--stuck-after", "2"):
+                                                 "--lattice", "default", "--stuck-after", "2"):
         async with client(server.url) as nc:
             held: asyncio.Queue = asyncio.Queue()
             # A host that takes the call and never answers: a real NATS peer on the dispatch subject.
@@ -44,3 +45,51 @@ async def test_a_consumer_stuck_on_a_silent_host_is_unhealthy_until_it_answers(t
             outcome = await result(nc, seq)
             assert outcome["status"] == "rejected" and outcome["error"] == "the bank is closed"
             assert (await eventually(health, lambda h: h["healthy"], timeout=15))["healthy"] is True
+
+
+async def _link(nc, source_id: str, name: str, **values: str) -> None:
+    link = {"source_id": source_id, "target": "concordance",
+            "source_config": {"ROLE": "aggregate", "NAME": name, "INTEREST": name, **values}}
+    reply = json.loads((await nc.request(f"{RPC}.linkdefs.put", json.dumps(link).encode(), timeout=10)).data)
+    assert reply["accepted"] is True, reply
+
+
+async def test_a_host_that_answers_pings_but_not_the_call_fails_the_call(tmp_path):
+    """No reply in time while the component is there means the call trapped or hung: counted."""
+    with nats_server(tmp_path) as server, daemon(None, tmp_path / "daemon.log", "--nats-url", server.url,
+                                                 "--lattice", "default"):
+        async with client(server.url) as nc:
+            async def host(msg) -> None:
+                if msgpack.unpackb(msg.data)["call"] == "ping":
+                    await msg.respond(msgpack.packb({"v": 1, "ok": None, "puts": {}}))
+
+            await nc.subscribe("cc.dispatch.default.hanging", queue="host", cb=host)
+            await _link(nc, "hanging", "hangbank", CALL_TIMEOUT_MS="300", MAX_DELIVERIES="2")
+            outcome = await result(nc, await send(nc, "hangbank", {"command_type": "open", "key": "H1", "data": {}}))
+            assert outcome["status"] == "rejected"
+            assert "gave no answer within 300 ms" in outcome["error"] and "after 2 attempts" in outcome["error"]
+
+
+async def test_commands_wait_while_no_host_serves_and_complete_when_one_does(tmp_path):
+    with nats_server(tmp_path) as server, daemon(None, tmp_path / "daemon.log", "--nats-url", server.url,
+                                                 "--lattice", "default"):
+        async with client(server.url) as nc:
+            await _link(nc, "late", "latebank", CALL_TIMEOUT_MS="300", MAX_DELIVERIES="1")
+            seq = await send(nc, "latebank", {"command_type": "open", "key": "L1", "data": {}})
+            info = await eventually(lambda: nc.jetstream().consumer_info("CC_COMMANDS", "AGG_CMD_latebank"),
+                                    lambda i: i.num_redelivered >= 1 or i.delivered.consumer_seq >= 3, timeout=20)
+            assert info.num_ack_pending == 1  # tried, still waiting, never dead-lettered (MAX_DELIVERIES is 1)
+            with pytest.raises(nats.js.errors.KeyNotFoundError):
+                await (await nc.jetstream().key_value("CC_RESULTS")).get(str(seq))
+
+            async def host(msg) -> None:
+                request = msgpack.unpackb(msg.data)
+                if request["call"] == "handle-command":
+                    ok = [{"event_type": "opened", "stream": "latebank", "payload": "{}"}]
+                else:
+                    ok = {"state": json.dumps({"open": True})}
+                await msg.respond(msgpack.packb({"v": 1, "ok": ok, "puts": {}}))
+
+            await nc.subscribe("cc.dispatch.default.late", queue="host", cb=host)
+            outcome = await result(nc, seq, timeout=90)
+            assert outcome["status"] == "accepted" and outcome["events"] == ["opened"]

@@ -105,6 +105,11 @@ async def test_host_drives_the_provider_through_its_whole_life(example_component
                 interests = {c["name"]: c["interest"] for c in status["components"]}
                 assert interests["bankaccount-projector"]["max_deliveries"] == 3
 
+                # Only its own host may shut it down.
+                refused = await _ask(nc, f"{rpc}.default.shutdown", {"host_id": "NSOMEONEELSE"})
+                assert refused == {"accepted": False, "error": "not this provider's host"}
+                assert (await _ask(nc, f"{rpc}.health", b""))["healthy"] is True
+
                 # Shutdown: the reply comes once in-flight work is done, then the process exits 0.
                 reply = await _ask(nc, f"{rpc}.default.shutdown", {"host_id": "NHOSTTEST"})
                 assert reply == {"accepted": True}

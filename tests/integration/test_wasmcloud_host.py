@@ -30,7 +30,7 @@ def lattice(tmp_path_factory):
     with nats_server(tmp) as server, registry(tmp / "registry") as registry_address:
         host = WashHost(server.url, tmp / "wash")
         try:
-            with daemon(None, tmp / "daemon.log", "--nats-url", server.url) as process:
+            with daemon(None, tmp / "daemon.log", "--nats-url", server.url, "--lattice", "default") as process:
                 deployment = Deployment(MANIFEST, registry_address, server.url, host.host_id, tmp / "deploy.log")
                 try:
                     yield {"url": server.url, "host": host, "daemon": process, "tmp": tmp}
