@@ -143,6 +143,7 @@ async def test_daemon_keeps_serving_while_a_component_loops_forever(looper_compo
     ("bad_payload", "payload is not JSON"),
     ("wrong_stream", "may only append to its stream 'looper'"),
     ("huge", "over the NATS maximum payload"),
+    ("unfoldable", "refused to apply unfoldable: this event cannot be folded (after 3 attempts)"),
 ])
 async def test_malformed_events_from_a_component_append_nothing(looper_component, tmp_path, command, error):
     manifest = tmp_path / "app.yaml"

@@ -1,7 +1,7 @@
 """A misbehaving aggregate, written against interface/ alone: it spins, traps, or counts.
 
 Commands: `spin` loops forever; `crash` raises (a trap); `hog` allocates without bound;
-`count` emits `counted`; `busy` works for {"seconds": n} first; `bad_type`, `bad_payload` and `wrong_stream` emit malformed events; `probe` tries to reach outside its sandbox (a file, a socket, the
+`count` emits `counted`; `unfoldable` emits an event its own fold refuses; `busy` works for {"seconds": n} first; `bad_type`, `bad_payload` and `wrong_stream` emit malformed events; `probe` tries to reach outside its sandbox (a file, a socket, the
 environment) and reports what happened in a `probed` event. State is {"count": n}.
 """
 
@@ -53,11 +53,15 @@ class WitWorld(wit_world.WitWorld):
             return [Event(event_type="counted", stream="looper", payload="{}")]
         if command.command_type == "huge":
             return [Event(event_type="counted", stream="looper", payload=json.dumps({"blob": "x" * 2_000_000}))]
+        if command.command_type == "unfoldable":
+            return [Event(event_type="unfoldable", stream="looper", payload="{}")]
         if command.command_type == "count":
             return [Event(event_type="counted", stream="looper", payload="{}")]
         raise Err(f"unknown command {command.command_type}")
 
     def apply_event(self, event: EventWithState) -> StateAck:
+        if event.event.event_type == "unfoldable":
+            raise Err("this event cannot be folded")
         state = json.loads(event.state) if event.state else {"count": 0}
         state["count"] += 1
         return StateAck(state=json.dumps(state))
