@@ -33,6 +33,7 @@ from ..wire import BadMessage
 log = structlog.get_logger(__name__)
 
 BACKOFF_SECONDS = (1, 2, 5, 10, 30, 60)
+OUTAGE_BACKOFF_SECONDS = 5.0  # a component host that comes back is used within seconds
 ORDER_WAIT_SECONDS = 0.5
 
 
@@ -162,7 +163,7 @@ class Settler:
             return False
         except ComponentUnavailable as exc:  # its host is away: wait for it, quietly
             self.logger.warning("component unavailable; will retry", subject=msg.subject, error=str(exc))
-            await self._nak(msg)
+            await self._nak(msg, most=OUTAGE_BACKOFF_SECONDS)
             return False
         except Exception as exc:  # an outage or a bug, not the message's fault: never buried for it
             self.logger.exception("message handling failed; will retry", subject=msg.subject, error=str(exc))
@@ -175,9 +176,10 @@ class Settler:
             self.logger.warning("could not ack message", subject=msg.subject, error=str(exc))
         return True
 
-    async def _nak(self, msg: Msg) -> None:
+    async def _nak(self, msg: Msg, most: float | None = None) -> None:
+        delay = backoff(msg.metadata.num_delivered)
         try:
-            await msg.nak(delay=backoff(msg.metadata.num_delivered))
+            await msg.nak(delay=min(delay, most) if most is not None else delay)
         except Exception as exc:  # connection gone: the server redelivers after ack wait
             self.logger.warning("could not nak message", subject=msg.subject, error=str(exc))
 
