@@ -137,11 +137,14 @@ async def kv_json(nc: NATS, bucket: str, key: str) -> Any:
 
 async def ledger(nc: NATS, account: str) -> list[dict[str, Any]]:
     """The projector's ledger of one account, in order."""
-    kv = await nc.jetstream().key_value("CC_RM_bankaccount_projector")
-    try:
-        keys = sorted(k for k in await kv.keys() if k.startswith(f"ledger.{account}."))
-    except nats.js.errors.NoKeysError:
-        return []
+    bucket = "CC_RM_bankaccount_projector"
+    js = nc.jetstream()
+    # The stream's subject list, not KeyValue.keys(): nats-py's keys() can end before the first
+    # key when the server delivers everything before its consumer info returns.
+    prefix = f"$KV.{bucket}."
+    info = await js.stream_info(f"KV_{bucket}", subjects_filter=f"{prefix}ledger.{account}.>")
+    kv = await js.key_value(bucket)
+    keys = sorted(subject[len(prefix):] for subject in (info.state.subjects or {}))
     return [json.loads((await kv.get(k)).value) for k in keys]
 
 
