@@ -28,16 +28,17 @@ MANIFEST = Path(__file__).resolve().parents[2] / "examples" / "bankaccount" / "a
 def lattice(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("lattice")
     with nats_server(tmp) as server, registry(tmp / "registry") as registry_address:
-        host = WashHost(server.url, tmp / "wash")
+        stack = {"url": server.url, "host": WashHost(server.url, tmp / "wash"), "tmp": tmp}
         try:
-            with daemon(None, tmp / "daemon.log", "--nats-url", server.url, "--lattice", "default") as process:
-                deployment = Deployment(MANIFEST, registry_address, server.url, host.host_id, tmp / "deploy.log")
+            with daemon(None, tmp / "daemon.log", "--nats-url", server.url, "--lattice", "default"):
+                deployment = Deployment(MANIFEST, registry_address, server.url, stack["host"].host_id,
+                                        tmp / "deploy.log")
                 try:
-                    yield {"url": server.url, "host": host, "daemon": process, "tmp": tmp}
+                    yield stack
                 finally:
                     deployment.stop()
         finally:
-            host.stop()
+            stack["host"].stop()  # the one running now: a test may have replaced the first
 
 
 async def test_original_scenario_ends_at_6000_on_a_wasmcloud_host(lattice):
