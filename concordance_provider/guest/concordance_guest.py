@@ -30,7 +30,24 @@ def _event_out(event: Event) -> dict:
     return {"event_type": event.event_type, "stream": event.stream, "payload": event.payload}
 
 
+def _decide(args: dict) -> dict:
+    """handle-command, then apply-event of each event on the state it was decided on. A fold that
+    fails is not an answer here: the daemon then folds event by event and learns why."""
+    command = StatefulCommand(aggregate=args["aggregate"], command_type=args["command_type"], key=args["key"],
+                              state=args["state"], payload=args["payload"])
+    events = world.handle_command(command)
+    state = args["state"]
+    try:
+        for event in events:
+            state = world.apply_event(EventWithState(event=event, state=state)).state
+    except Exception:  # Err or a bug alike
+        return {"events": [_event_out(e) for e in events], "folded": False, "state": None}
+    return {"events": [_event_out(e) for e in events], "folded": True, "state": state}
+
+
 def _call(name: str, args: dict) -> object:
+    if name == "decide":
+        return _decide(args)
     if name == "handle-command":
         command = StatefulCommand(aggregate=args["aggregate"], command_type=args["command_type"], key=args["key"],
                                   state=args["state"], payload=args["payload"])

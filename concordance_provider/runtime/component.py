@@ -24,6 +24,18 @@ class OutputCommand:
 
 
 @dataclass(frozen=True)
+class Decision:
+    """A command's events, and, if the runtime folded them where it decided, the state after them.
+
+    A remote runtime folds in the same call to save a round trip per event; the worker uses that
+    state only if the events it folded are exactly the events it will store."""
+
+    events: list[Event]
+    folded: bool = False
+    state: str | None = None
+
+
+@dataclass(frozen=True)
 class ProcessManagerAck:
     state: str | None
     commands: list[OutputCommand]
@@ -66,6 +78,12 @@ class Component(Protocol):
     async def handle_command(
         self, aggregate: str, command_type: str, key: str, state: str | None, payload: str
     ) -> list[Event]: ...
+
+    async def decide(
+        self, aggregate: str, command_type: str, key: str, state: str | None, payload: str
+    ) -> Decision:
+        """handle-command, with the fold of its events where that saves calls."""
+        ...
 
     async def apply_event(self, event: Event, state: str | None) -> str | None:
         """Fold one event; an ``err`` answer raises ComponentFailed (folding has no decisions)."""

@@ -15,7 +15,8 @@ from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
 ENVELOPE_VERSION = 1
 
-CallName = Literal["handle-command", "apply-event", "handle-event", "apply-stateless-event", "ping"]
+# "decide" is handle-command followed, in the same call, by apply-event of each event it returned.
+CallName = Literal["handle-command", "decide", "apply-event", "handle-event", "apply-stateless-event", "ping"]
 
 
 class EnvelopeError(ValueError):
@@ -78,6 +79,12 @@ class EventOut(_Answer):
 
 
 class StateOut(_Answer):
+    state: str | None
+
+
+class DecisionOut(_Answer):
+    events: list[EventOut]
+    folded: bool
     state: str | None
 
 

@@ -24,6 +24,7 @@ from ..links import Role
 from .cache import default_cache_dir, load_compiled
 from .component import (
     ComponentFailed,
+    Decision,
     Event,
     HandlerEffects,
     OutputCommand,
@@ -269,6 +270,11 @@ class WasmtimeComponent:
             return [_as_event(e) for e in events]
         except (AttributeError, TypeError):
             raise ComponentFailed(f"component {self.name!r} returned malformed events") from None
+
+    async def decide(self, aggregate: str, command_type: str, key: str, state: str | None,
+                     payload: str) -> Decision:
+        """In-process calls are cheap: the worker folds the events itself."""
+        return Decision(await self.handle_command(aggregate, command_type, key, state, payload))
 
     async def apply_event(self, event: Event, state: str | None) -> str | None:
         try:

@@ -30,7 +30,7 @@ from ..naming import (
     snake_case,
     stream_filter,
 )
-from ..runtime import Component, ComponentFailed, Event, RejectedByComponent
+from ..runtime import Component, ComponentFailed, Decision, Event, RejectedByComponent
 from ..store.deadletters import DeadLetters
 from ..store.events import EventLog, LoggedEvent
 from ..store.jetstream import PayloadTooLarge, WrongLastSequence
@@ -205,7 +205,7 @@ class AggregateWorker:
                     await self._store(command.key, current.value, current.event_seq, current.revision)
                     return self._accepted(command, done)
             try:
-                events = await self._component.handle_command(
+                decision = await self._component.decide(
                     self.interest.name, command.command_type, command.key, current.value,
                     json.dumps(command.data),
                 )
@@ -213,13 +213,10 @@ class AggregateWorker:
                 if current.behind:
                     await self._store(command.key, current.value, current.event_seq, current.revision)
                 return self._rejected(command, str(exc))
-            if not events:
+            if not decision.events:
                 return self._accepted(command, [])
-            cloud_events = [self._to_cloud_event(command.key, e) for e in events]
-            value = current.value
-            for cloud in cloud_events:  # exactly what a replay of the log will fold
-                value = await self._component.apply_event(
-                    Event(cloud.type, self.stream, json.dumps(cloud.data)), value)
+            cloud_events = [self._to_cloud_event(command.key, e) for e in decision.events]
+            value = await self._fold(decision, cloud_events, current.value)
             try:
                 seqs = await self._log_store.append(
                     self.stream, command.key, cloud_events,
@@ -233,6 +230,15 @@ class AggregateWorker:
             await self._store(command.key, value, seqs[-1], current.revision)
             return self._accepted(command, [e.type for e in cloud_events])
         raise ComponentFailed(f"gave up after {MAX_CONFLICT_RETRIES} concurrent-append conflicts")
+
+    async def _fold(self, decision: Decision, cloud_events: list[CloudEvent], value: str | None) -> str | None:
+        """The state after the events, folded from exactly what a replay of the log will fold."""
+        replayed = [Event(cloud.type, self.stream, json.dumps(cloud.data)) for cloud in cloud_events]
+        if decision.folded and replayed == decision.events:
+            return decision.state  # the runtime folded these very events already
+        for event in replayed:
+            value = await self._component.apply_event(event, value)
+        return value
 
     def _accepted(self, command: RawCommand, event_types: list[str]) -> CommandResult:
         return CommandResult(status="accepted", aggregate=self.interest.name,

@@ -1,4 +1,5 @@
-"""Health tells the truth about a daemon whose component host stops answering mid-call."""
+"""Calls to components on a wasmCloud host, against real NATS peers that answer (or not) as a host
+would: health while a host is silent, hung calls, absent hosts, and the one-call fold."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import msgpack
 import nats
 import pytest
 
-from .harness import client, daemon, eventually, nats_server, result, send
+from .harness import client, daemon, eventually, kv_json, nats_server, result, send
 
 pytestmark = pytest.mark.integration
 
@@ -35,7 +36,7 @@ async def test_a_consumer_stuck_on_a_silent_host_is_unhealthy_until_it_answers(t
 
             seq = await send(nc, "quietbank", {"command_type": "open", "key": "Q1", "data": {}})
             call = await asyncio.wait_for(held.get(), 30)
-            assert msgpack.unpackb(call.data)["call"] == "handle-command"
+            assert msgpack.unpackb(call.data)["call"] == "decide"
             unhealthy = await eventually(health, lambda h: not h["healthy"], timeout=15)
             assert unhealthy == {"healthy": False, "message": "consumer(s) stuck: AGG_CMD_quietbank"}
             status = json.loads((await nc.request("cc.status", b"", timeout=10)).data)
@@ -85,8 +86,9 @@ async def test_commands_wait_while_no_host_serves_and_complete_when_one_does(tmp
 
             async def host(msg) -> None:
                 request = msgpack.unpackb(msg.data)
-                if request["call"] == "handle-command":
-                    ok = [{"event_type": "opened", "stream": "latebank", "payload": "{}"}]
+                if request["call"] == "decide":
+                    ok = {"events": [{"event_type": "opened", "stream": "latebank", "payload": "{}"}],
+                          "folded": True, "state": json.dumps({"open": True})}
                 else:
                     ok = {"state": json.dumps({"open": True})}
                 await msg.respond(msgpack.packb({"v": 1, "ok": ok, "puts": {}}))
@@ -94,3 +96,31 @@ async def test_commands_wait_while_no_host_serves_and_complete_when_one_does(tmp
             await nc.subscribe("cc.dispatch.default.late", queue="host", cb=host)
             outcome = await result(nc, seq, timeout=90)
             assert outcome["status"] == "accepted" and outcome["events"] == ["opened"]
+
+
+@pytest.mark.parametrize("payload, folded_by", [
+    ('{"amount": 5}', "decide"),  # exactly what the daemon stores: the fold of the same call is used
+    ('{"amount":5}', "apply-event"),  # stored re-serialised: the daemon folds what it stores itself
+])
+async def test_the_fold_of_the_deciding_call_is_used_only_for_the_events_stored(tmp_path, payload, folded_by):
+    with nats_server(tmp_path) as server, daemon(None, tmp_path / "daemon.log", "--nats-url", server.url,
+                                                 "--lattice", "default"):
+        async with client(server.url) as nc:
+            calls: list[str] = []
+
+            async def host(msg) -> None:
+                request = msgpack.unpackb(msg.data)
+                calls.append(request["call"])
+                if request["call"] == "decide":
+                    ok = {"events": [{"event_type": "paid", "stream": "till", "payload": payload}],
+                          "folded": True, "state": json.dumps({"folded_by": "decide"})}
+                else:
+                    ok = {"state": json.dumps({"folded_by": "apply-event"})}
+                await msg.respond(msgpack.packb({"v": 1, "ok": ok, "puts": {}}))
+
+            await nc.subscribe("cc.dispatch.default.till", queue="host", cb=host)
+            await _link(nc, "till", "till")
+            outcome = await result(nc, await send(nc, "till", {"command_type": "pay", "key": "T1", "data": {}}))
+            assert outcome["status"] == "accepted"
+            assert await kv_json(nc, "CC_STATE", "agg.till.T1") == {"folded_by": folded_by}
+            assert calls == (["decide"] if folded_by == "decide" else ["decide", "apply-event"])
