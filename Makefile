@@ -26,8 +26,8 @@ run: examples
 
 # Debian's OCI registry, for the tests and benchmarks that run components on a wasmCloud host.
 registry:
-	command -v docker-registry >/dev/null || \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-registry >/dev/null)
+	@command -v docker-registry >/dev/null || (echo "installing docker-registry with apt" && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-registry >/dev/null)
 
 test: examples registry
 	$(BIN)/python -m pytest -q
