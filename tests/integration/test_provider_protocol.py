@@ -192,3 +192,32 @@ def nats_client_with(url: str, creds: Path):
             await nc.close()
 
     return connected()
+
+
+async def test_log_level_and_plain_logging_are_honoured(tmp_path):
+    lattice = "quiet"
+    with nats_server(tmp_path) as server:
+        provider = ProviderProcess(host_data_line(server.url, lattice, PROVIDER, [], structured_logging=False,
+                                                  log_level="WARN"), tmp_path / "provider.log")
+        try:
+            async with client(server.url) as nc:
+                health = await eventually(lambda: _health_or_none(nc, f"wasmbus.rpc.{lattice}.{PROVIDER}.health"),
+                                          lambda h: h is not None, timeout=60)
+                assert health == {"healthy": True, "message": None}
+                refused = await _ask(nc, f"wasmbus.rpc.{lattice}.{PROVIDER}.linkdefs.put", {"target": PROVIDER})
+                assert refused["accepted"] is False
+                await _ask(nc, f"wasmbus.rpc.{lattice}.{PROVIDER}.default.shutdown", {"host_id": "NHOSTTEST"})
+            assert provider.wait() == 0
+        finally:
+            provider.stop()
+    output = (tmp_path / "provider.log").read_text()
+    assert "link definition refused" in output  # an error: logged at WARN
+    assert "concordance ready" not in output  # info: not logged at WARN
+    assert not any(line.startswith("{") for line in output.splitlines())  # plain, not JSON
+
+
+async def _health_or_none(nc, subject: str):
+    try:
+        return json.loads((await nc.request(subject, b"", timeout=1)).data)
+    except Exception:
+        return None
