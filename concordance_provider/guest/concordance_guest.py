@@ -30,12 +30,15 @@ def _event_out(event: Event) -> dict:
     return {"event_type": event.event_type, "stream": event.stream, "payload": event.payload}
 
 
+def _command(args: dict) -> StatefulCommand:
+    return StatefulCommand(aggregate=args["aggregate"], command_type=args["command_type"], key=args["key"],
+                           state=args["state"], payload=args["payload"])
+
+
 def _decide(args: dict) -> dict:
     """handle-command, then apply-event of each event on the state it was decided on. A fold that
     fails is not an answer here: the daemon then folds event by event and learns why."""
-    command = StatefulCommand(aggregate=args["aggregate"], command_type=args["command_type"], key=args["key"],
-                              state=args["state"], payload=args["payload"])
-    events = world.handle_command(command)
+    events = world.handle_command(_command(args))
     state = args["state"]
     try:
         for event in events:
@@ -49,9 +52,7 @@ def _call(name: str, args: dict) -> object:
     if name == "decide":
         return _decide(args)
     if name == "handle-command":
-        command = StatefulCommand(aggregate=args["aggregate"], command_type=args["command_type"], key=args["key"],
-                                  state=args["state"], payload=args["payload"])
-        return [_event_out(e) for e in world.handle_command(command)]
+        return [_event_out(e) for e in world.handle_command(_command(args))]
     if name == "apply-event":
         return {"state": world.apply_event(EventWithState(event=_event(args["event"]), state=args["state"])).state}
     if name == "handle-event":

@@ -100,4 +100,8 @@ class ProcessOut(_Answer):
     commands: list[CommandOut]
 
 
+# What each call's ``ok`` must be, built once: validators are not cheap to make per call.
 EVENTS_OUT: TypeAdapter[list[EventOut]] = TypeAdapter(list[EventOut])
+DECISION_OUT: TypeAdapter[DecisionOut] = TypeAdapter(DecisionOut)
+STATE_OUT: TypeAdapter[StateOut] = TypeAdapter(StateOut)
+PROCESS_OUT: TypeAdapter[ProcessOut] = TypeAdapter(ProcessOut)

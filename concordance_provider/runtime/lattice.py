@@ -22,7 +22,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.errors import MaxPayloadError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
-from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from ..links import Role
 from .component import (
@@ -36,16 +36,16 @@ from .component import (
     RejectedByComponent,
 )
 from .envelope import (
+    DECISION_OUT,
     EVENTS_OUT,
+    PROCESS_OUT,
+    STATE_OUT,
     CallbackReply,
     CallbackRequest,
     CallName,
     CallReply,
     CallRequest,
-    DecisionOut,
     EnvelopeError,
-    ProcessOut,
-    StateOut,
 )
 from .stats import CallStats
 
@@ -176,12 +176,9 @@ class LatticeComponent:
         return reply.ok
 
     @staticmethod
-    def _checked(kind: type[Answer] | TypeAdapter[Answer], value: Any, call: str) -> Answer:
+    def _checked(kind: TypeAdapter[Answer], value: Any, call: str) -> Answer:
         try:
-            if isinstance(kind, TypeAdapter):
-                return kind.validate_python(value)
-            assert issubclass(kind, BaseModel)
-            return kind.model_validate(value)  # type: ignore[return-value]
+            return kind.validate_python(value)
         except ValidationError as exc:
             raise ComponentFailed(f"{call} answered something unusable: {exc.errors()[0]['msg']} "
                                   f"at {exc.errors()[0]['loc']}") from None
@@ -197,7 +194,7 @@ class LatticeComponent:
         """One round trip for the decision and its fold, instead of one plus one per event."""
         raw = await self._call("decide", {"aggregate": aggregate, "command_type": command_type,
                                           "key": key, "state": state, "payload": payload})
-        out = self._checked(DecisionOut, raw, "decide")
+        out = self._checked(DECISION_OUT, raw, "decide")
         return Decision([Event(e.event_type, e.stream, e.payload) for e in out.events], out.folded, out.state)
 
     async def apply_event(self, event: Event, state: str | None) -> str | None:
@@ -205,11 +202,11 @@ class LatticeComponent:
             raw = await self._call("apply-event", {"event": _event(event), "state": state})
         except RejectedByComponent as exc:
             raise ComponentFailed(f"component {self.name!r} refused to apply {event.event_type}: {exc}") from None
-        return self._checked(StateOut, raw, "apply-event").state
+        return self._checked(STATE_OUT, raw, "apply-event").state
 
     async def handle_event(self, event: Event, state: str | None) -> ProcessManagerAck:
         raw = await self._call("handle-event", {"event": _event(event), "state": state})
-        ack = self._checked(ProcessOut, raw, "handle-event")
+        ack = self._checked(PROCESS_OUT, raw, "handle-event")
         return ProcessManagerAck(ack.state, [OutputCommand(c.command_type, c.aggregate_stream, c.aggregate_key,
                                                            c.json_payload) for c in ack.commands])
 
