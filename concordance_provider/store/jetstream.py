@@ -10,6 +10,8 @@ from typing import Any
 
 from nats.aio.client import Client as NATS
 
+from ..failpoints import fail_point, is_armed
+
 WRONG_LAST_SEQUENCE = 10071
 
 
@@ -145,6 +147,9 @@ async def publish_atomic(
             batch_headers.update(first_headers)
         if index < last:
             await nc.publish(subject, data, headers=batch_headers)
+            if index == 0 and is_armed("events.mid_batch"):
+                await nc.flush()  # the first message is on the server: the crash strands a batch
+                fail_point("events.mid_batch")
             continue
         batch_headers["Nats-Batch-Commit"] = "1"
         reply = await nc.request(subject, data, headers=batch_headers, timeout=timeout)

@@ -19,6 +19,7 @@ from datetime import datetime, timedelta
 import structlog
 from nats.aio.msg import Msg
 
+from ..failpoints import fail_point
 from ..links import Interest
 from ..naming import (
     COMMANDS_STREAM,
@@ -227,7 +228,9 @@ class AggregateWorker:
                 continue  # someone appended first: decide again on the newer state
             except PayloadTooLarge as exc:
                 raise ComponentFailed(f"component returned an event too large to store: {exc}") from None
+            fail_point("aggregate.after_append")
             await self._store(command.key, value, seqs[-1], current.revision)
+            fail_point("aggregate.after_state")
             return self._accepted(command, [e.type for e in cloud_events])
         raise ComponentFailed(f"gave up after {MAX_CONFLICT_RETRIES} concurrent-append conflicts")
 

@@ -23,6 +23,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
+from ..failpoints import fail_point
 from ..links import Interest
 from ..naming import RETRY_FOR, InvalidName
 from ..runtime import ComponentUnavailable, Event
@@ -185,7 +186,9 @@ class Settler:
 
     async def _bury(self, msg: Msg, reason: str) -> bool:
         try:
+            fail_point("deadletter.before_store")
             seq = await self.dead_letters.store(DeadLetter.of(msg, self.consumer, self.component, reason))
+            fail_point("deadletter.after_store")
             if self.on_dead is not None:
                 await self.on_dead(msg, reason)
             await msg.term()

@@ -16,6 +16,7 @@ import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from ..failpoints import fail_point
 from ..links import Interest
 from ..naming import (
     EVENTS_STREAM,
@@ -95,6 +96,7 @@ class ProcessManagerWorker:
                 await self._send(aggregate, body, f"pm:{self.interest.name}:{event.seq}:{index}", logger)
         except PayloadTooLarge as exc:
             raise Retry(f"process manager returned a command too large to send: {exc}") from None
+        fail_point("process_manager.after_publish")
         await self._states.save(state_key, ack.state, event.seq, stored.revision)
         logger.info("process advanced", commands=len(ack.commands), ended=ack.state is None)
 

@@ -13,6 +13,7 @@ from typing import AbstractSet
 import structlog
 from nats.aio.msg import Msg
 
+from ..failpoints import fail_point
 from ..links import Interest, Role
 from ..naming import (
     EVENTS_STREAM,
@@ -119,6 +120,7 @@ class StatelessWorker:
             for index, (key, cloud) in enumerate(outgoing):
                 msg_id = f"{self.interest.consumer_name}:{event.seq}:{index}"
                 await self._events.publish_one(cloud, key, msg_id, causation=f"event:{event.seq}")
+            fail_point("read_model.before_commit")
             await self._read_model.apply(effects.puts, event.seq, revision)
         except PayloadTooLarge as exc:
             raise Retry(f"handler produced a message too large to store: {exc}") from None

@@ -48,13 +48,14 @@ def nats_server(tmp_path: Path) -> Iterator[EmbeddedNatsServer]:
 class DaemonProcess:
     """``concordance up`` as a user runs it, logging JSON to a file."""
 
-    def __init__(self, manifest: Path | None, log_path: Path, *args: str) -> None:
+    def __init__(self, manifest: Path | None, log_path: Path, *args: str,
+                 env: dict[str, str] | None = None) -> None:
         self.log_path = log_path
         self._log = log_path.open("wb")
         command = [sys.executable, "-m", "concordance_provider.cli", "up", *([str(manifest)] if manifest else []),
                    "--log-format", "json", *args]
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL)
+                                        stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})})
 
     def logs(self) -> list[dict[str, Any]]:
         lines = []
