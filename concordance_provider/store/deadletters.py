@@ -16,6 +16,7 @@ from nats.js import JetStreamContext
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 from pydantic import BaseModel, Field
 
+from ..failpoints import fail_point
 from ..naming import DEADLETTER_PREFIX, DEADLETTER_STREAM
 from .jetstream import StoredMessage, publish, read_all
 
@@ -63,6 +64,7 @@ class DeadLetters:
         self._nc = nc
 
     async def store(self, letter: DeadLetter) -> int:
+        fail_point("deadletter.before_store")
         # one dead letter per message, even if storing is retried after a lost ack
         msg_id = f"dl:{letter.stream}:{letter.stream_seq}:{letter.consumer}"
         return await publish(self._nc, f"{DEADLETTER_PREFIX}.{letter.consumer}",

@@ -186,7 +186,6 @@ class Settler:
 
     async def _bury(self, msg: Msg, reason: str) -> bool:
         try:
-            fail_point("deadletter.before_store")
             seq = await self.dead_letters.store(DeadLetter.of(msg, self.consumer, self.component, reason))
             fail_point("deadletter.after_store")
             if self.on_dead is not None:
