@@ -12,17 +12,15 @@ from nats.aio.client import Client as NATS
 from nats.js.api import DeliverPolicy
 from nats.js.errors import NotFoundError
 
+from .engine.repository import AggregateRepository
 from .links import Interest, Role
 from .manifest import ComponentSpec, Manifest
 from .naming import EVENTS_STREAM
 from .runtime import Component
-from .store.deadletters import DeadLetters
 from .store.events import EventLog
 from .store.jetstream import direct_get
 from .store.readmodel import ReadModel
-from .store.results import ResultStore
 from .store.state import StateStore
-from .workers.aggregate import AggregateWorker
 from .workers.stateless import StatelessWorker, read_model_bucket
 
 log = structlog.get_logger(__name__)
@@ -49,19 +47,19 @@ def parse_target(target: str | None, manifest: Manifest) -> list[tuple[Component
     return [(find_spec(manifest, name, {Role.AGGREGATE}), key or None)]
 
 
-async def rebuild_state(nc: NATS, worker: AggregateWorker, key: str | None,
-                  progress: Callable[[str], None] = lambda key: None) -> int:
+async def rebuild_state(repository: AggregateRepository, key: str | None,
+                        progress: Callable[[str], None] = lambda key: None) -> int:
     """Recompute state for one key, or every key of the aggregate; return how many."""
-    keys = [key] if key else await worker.keys()
+    keys = [key] if key else await repository.keys()
     for each in keys:
-        await worker.rebuild(each)
+        await repository.rebuild(each)
         progress(each)
     return len(keys)
 
 
-def aggregate_worker(nc: NATS, interest: Interest, component: Component) -> AggregateWorker:
-    js = nc.jetstream()
-    return AggregateWorker(interest, component, EventLog(nc), StateStore(nc), ResultStore(js), DeadLetters(nc))
+def aggregate_repository(nc: NATS, interest: Interest, component: Component) -> AggregateRepository:
+    assert interest.stream is not None
+    return AggregateRepository(interest.name, interest.stream, component, EventLog(nc), StateStore(nc))
 
 
 @dataclass(frozen=True)

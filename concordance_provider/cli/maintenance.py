@@ -15,7 +15,7 @@ from ..logging import configure
 from ..maintenance import (
     MaintenanceError,
     ReplayStart,
-    aggregate_worker,
+    aggregate_repository,
     find_spec,
     parse_target,
     rebuild_state,
@@ -50,8 +50,8 @@ async def _rebuild(url: str, targets: list) -> int:  # type: ignore[type-arg]
         for spec, key in targets:
             component = await load_component(spec)
             try:
-                worker = aggregate_worker(nc, spec.interest, component)
-                count += await rebuild_state(nc, worker, key, lambda k: typer.echo(f"{spec.interest.name}.{k}"))
+                repository = aggregate_repository(nc, spec.interest, component)
+                count += await rebuild_state(repository, key, lambda k: typer.echo(f"{spec.interest.name}.{k}"))
             finally:
                 await component.close()
         return count

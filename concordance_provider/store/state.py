@@ -1,4 +1,4 @@
-"""Aggregate and process state in KV ``CC_STATE``, guarded by revision.
+"""Aggregate and process state in KV ``CC_STATE``, guarded by revision: the engine's ``StateStore``.
 
 The value is the component's state, exactly as the contract says. The header
 ``Concordance-Event-Sequence`` records the CC_EVENTS sequence of the last event folded into
@@ -7,21 +7,15 @@ it, so redelivered events are recognised and stale state is caught up from the l
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from nats.aio.client import Client as NATS
 
+from ..engine.persistence import StateConflict, StoredState
 from ..naming import STATE_BUCKET
-from .jetstream import direct_get, publish
+from .jetstream import WrongLastSequence, direct_get, publish
+
+__all__ = ["EVENT_SEQUENCE", "StateStore", "StoredState"]
 
 EVENT_SEQUENCE = "Concordance-Event-Sequence"
-
-
-@dataclass(frozen=True)
-class StoredState:
-    value: str | None
-    event_seq: int  # last event folded in; 0 for none
-    revision: int  # KV revision to guard the next write; 0 if the key never existed
 
 
 class StateStore:
@@ -44,8 +38,11 @@ class StateStore:
         )
 
     async def save(self, key: str, value: str | None, event_seq: int, revision: int) -> int:
-        """Write (or delete, for None) if nobody wrote since ``revision``; raises WrongLastSequence."""
+        """Write (or delete, for None) if nobody wrote since ``revision``; raises StateConflict."""
         headers = {EVENT_SEQUENCE: str(event_seq), "Nats-Expected-Last-Subject-Sequence": str(revision)}
         if value is None:
             headers["KV-Operation"] = "DEL"
-        return await publish(self._nc, self._subject(key), (value or "").encode(), headers)
+        try:
+            return await publish(self._nc, self._subject(key), (value or "").encode(), headers)
+        except WrongLastSequence as exc:
+            raise StateConflict(str(exc)) from None

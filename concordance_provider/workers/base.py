@@ -9,7 +9,6 @@ alive with in-progress acks, so long component calls are not redelivered behind 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections import defaultdict
 from contextlib import asynccontextmanager
@@ -23,12 +22,13 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
+from ..engine.mapper import LoggedEvent, from_message
+from ..engine.mapper import to_component as to_component_event  # noqa: F401  (the handlers' import)
 from ..failpoints import fail_point
 from ..links import Interest
-from ..naming import RETRY_FOR, InvalidName
-from ..runtime import ComponentUnavailable, Event
+from ..naming import RETRY_FOR
+from ..runtime import ComponentUnavailable
 from ..store.deadletters import DeadLetter, DeadLetters
-from ..store.events import LoggedEvent
 from ..wire import BadMessage
 
 log = structlog.get_logger(__name__)
@@ -105,13 +105,9 @@ def meant_for_another(msg: Msg, consumer: str) -> bool:
 def delivered_event(msg: Msg) -> LoggedEvent:
     """The event a consumer delivered, or Poison if it is not one (anyone may publish there)."""
     try:
-        return LoggedEvent.from_delivery(msg)
-    except (BadMessage, InvalidName) as exc:
+        return from_message(msg.metadata.sequence.stream, msg.subject, dict(msg.headers or {}), msg.data)
+    except BadMessage as exc:
         raise Poison(f"not a Concordance event: {exc}") from None
-
-
-def to_component_event(event: LoggedEvent) -> Event:
-    return Event(event.event_type, event.stream, json.dumps(event.cloud_event.data))
 
 
 def backoff(num_delivered: int) -> float:

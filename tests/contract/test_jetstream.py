@@ -1,0 +1,65 @@
+"""The contract on the JetStream event log (CC_EVENTS) and state store (KV CC_STATE), against a real
+nats-server with the streams the daemon creates."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import nats
+import pytest
+from integration.harness import nats_server
+from nats.aio.client import Client as NATS
+
+from concordance_provider.store.events import EventLog
+from concordance_provider.store.jetstream import publish
+from concordance_provider.store.state import StateStore
+from concordance_provider.store.streams import ensure_all
+
+from .rules import EventLogContract, ProcessorContract, StateStoreContract
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with nats_server(tmp_path_factory.mktemp("contract")) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+async def nc(server):
+    client = await nats.connect(server.url)
+    await ensure_all(client.jetstream())
+    yield client
+    await client.close()
+
+
+@dataclass
+class JetStreamBackend:
+    nc: NATS
+
+    def __post_init__(self) -> None:
+        self.log = EventLog(self.nc)
+        self.states = StateStore(self.nc)
+        self.max_payload = self.nc.max_payload
+
+    async def publish(self, subject: str, data: bytes, headers: dict[str, str] | None = None) -> int:
+        return await publish(self.nc, subject, data, headers)
+
+
+class OnJetStream:
+    @pytest.fixture
+    def backend(self, nc) -> JetStreamBackend:
+        return JetStreamBackend(nc)
+
+
+class TestJetStreamEventLog(OnJetStream, EventLogContract):
+    pass
+
+
+class TestJetStreamStateStore(OnJetStream, StateStoreContract):
+    pass
+
+
+class TestProcessorOnJetStream(OnJetStream, ProcessorContract):
+    pass
