@@ -20,12 +20,13 @@ class BadMessage(ValueError):
 
 
 class RawCommand(BaseModel):
-    """The JSON a client publishes on ``cc.commands.{aggregate}``."""
+    """The JSON a client publishes on ``cc.commands.{aggregate}``: all three fields are required,
+    as in the original contract (``data`` is the command's payload object, ``{}`` when empty)."""
 
     model_config = ConfigDict(extra="ignore")
     command_type: str
     key: str
-    data: dict[str, Any] = Field(default_factory=dict)
+    data: dict[str, Any]
 
     @field_validator("command_type")
     @classmethod
