@@ -88,6 +88,19 @@ class DaemonProcess:
         return self.process.returncode
 
 
+async def logged(process: "DaemonProcess", event: str, count: int = 1, timeout: float = 30.0) -> list[dict[str, Any]]:
+    """Wait until the process has logged ``event`` at least ``count`` times; return those entries."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [entry for entry in process.logs() if entry.get("event") == event]
+        if len(found) >= count:
+            return found
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{event!r} logged {len(found)} of {count} times in {timeout}s:\n"
+                                 f"{process.log_path.read_text()[-3000:]}")
+        await asyncio.sleep(0.1)
+
+
 @contextmanager
 def daemon(manifest: Path | None, log_path: Path, *args: str) -> Iterator[DaemonProcess]:
     process = DaemonProcess(manifest, log_path, *args)
@@ -160,6 +173,26 @@ async def eventually(probe, expected: Any, timeout: float = 30.0) -> Any:
             return value
         await asyncio.sleep(0.1)
     return value
+
+
+async def quiescent(nc: NATS, streams: tuple[str, ...] = ("CC_COMMANDS", "CC_EVENTS"),
+                    timeout: float = 60.0) -> None:
+    """Wait until nothing is in flight: every durable consumer of ``streams`` has nothing pending
+    and nothing unacknowledged, and no stream grew while that was being checked. Workers publish
+    what a message causes before they ack it, so a chain of effects is never caught halfway."""
+    js = nc.jetstream()
+    deadline = time.monotonic() + timeout
+    busy: list[str] = []
+    while time.monotonic() < deadline:
+        before = [(await js.stream_info(s)).state.last_seq for s in streams]
+        busy = [f"{info.name}: pending {info.num_pending}, ack pending {info.num_ack_pending}"
+                for s in streams for info in await js.consumers_info(s)
+                if info.config.durable_name and (info.num_pending or info.num_ack_pending)]
+        after = [(await js.stream_info(s)).state.last_seq for s in streams]
+        if not busy and before == after:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"still busy after {timeout}s: {busy}")
 
 
 async def events_of_stream(nc: NATS, stream: str, subject: str) -> list[dict[str, Any]]:

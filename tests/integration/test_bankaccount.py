@@ -7,6 +7,7 @@ import json
 import uuid
 from pathlib import Path
 
+import nats
 import pytest
 
 from .harness import (
@@ -92,33 +93,69 @@ async def test_rejected_command_tells_the_client_why(bank):
 
 
 @pytest.mark.parametrize("body, error", [
-    (b"{not json", "Invalid JSON"),
-    (b"[" * 100_000, "malformed command"),  # deeper than any parser goes
-    ({"key": "K1", "data": {}}, "command_type"),
-    ({"command_type": "deposit_funds", "data": {}}, "key"),
-    ({"command_type": "deposit_funds", "key": "a.>", "data": {}}, "'a.>' is not allowed"),
-    ({"command_type": "deposit_funds", "key": "*", "data": {}}, "is not allowed"),
-    ({"command_type": "deposit_funds", "key": "has space", "data": {}}, "is not allowed"),
-    ({"command_type": "deposit_funds", "key": "", "data": {}}, "is not allowed"),
-    ({"command_type": "launch_rocket", "key": "NOBODY", "data": {}}, "account does not exist"),
+    (b"{not json", "malformed command: body: Invalid JSON"),
+    (b"[" * 100_000, "malformed command: "),  # deeper than any parser goes
+    ({"key": "K1", "data": {}}, "malformed command: command_type: Field required"),
+    ({"command_type": "deposit_funds", "data": {}}, "malformed command: key: Field required"),
+    ({"command_type": "deposit_funds", "key": "K1"}, "malformed command: data: Field required"),
+    ({"command_type": 7, "key": "K1", "data": {}}, "malformed command: command_type: Input should be a valid string"),
+    ({"command_type": "deposit_funds", "key": ["K1"], "data": {}}, "malformed command: key: Input should be a valid string"),
+    ({"command_type": "deposit_funds", "key": "K1", "data": [1]}, "malformed command: data: Input should be an object"),
+    ({"command_type": "deposit_funds", "key": "a.>", "data": {}}, "malformed command: key: Value error, key 'a.>' is not allowed"),
+    ({"command_type": "deposit_funds", "key": "*", "data": {}}, "malformed command: key: Value error, key '*' is not allowed"),
+    ({"command_type": "deposit_funds", "key": "has space", "data": {}}, "key 'has space' is not allowed"),
+    ({"command_type": "deposit_funds", "key": "", "data": {}}, "malformed command: key: Value error, key '' is not allowed"),
+    ({"command_type": "deposit_funds", "key": "K1\n", "data": {}}, "key 'K1\\n' is not allowed"),
+    ({"command_type": "deposit_funds", "key": "K" * 129, "data": {}}, f"key '{'K' * 129}' is not allowed"),
 ])
 async def test_malformed_commands_are_rejected_and_the_daemon_goes_on(bank, body, error):
     url, process = bank
     async with client(url) as nc:
-        outcome = await result(nc, await send(nc, "bankaccount", body))
-        assert outcome["status"] == "rejected" and error in outcome["error"]
+        seq = await send(nc, "bankaccount", body)
+        outcome = await result(nc, seq)
+        assert outcome["status"] == "rejected" and outcome["error"].startswith("malformed command: ")
+        assert error in outcome["error"]
+        letters = await events_of_stream(nc, "CC_DEADLETTER", "cc.deadletter.AGG_CMD_bankaccount")
+        assert [d["reason"] for d in letters if d["stream_seq"] == seq] == [outcome["error"]]
         assert (await result(nc, await send(nc, "bankaccount", _account(f"OK-{uuid.uuid4().hex[:8]}", 1))))["status"] == "accepted"
     assert process.process.poll() is None
+
+
+async def test_unknown_command_type_is_rejected_with_the_aggregates_own_text(bank):
+    url, _ = bank
+    async with client(url) as nc:
+        assert (await result(nc, await send(nc, "bankaccount", _account("UNK1", 40))))["status"] == "accepted"
+        before = await events(nc, "cc.events.*.bankaccount.UNK1")
+        outcome = await result(nc, await send(nc, "bankaccount", {
+            "command_type": "LaunchRocket", "key": "UNK1", "data": {"accountNumber": "UNK1", "customerId": "C1"}}))
+        assert outcome == {"status": "rejected", "aggregate": "bankaccount", "command_type": "launch_rocket",
+                           "key": "UNK1", "events": [], "error": "unknown command type 'launch_rocket'"}
+        assert await events(nc, "cc.events.*.bankaccount.UNK1") == before
+        assert (await kv_json(nc, "CC_STATE", "agg.bankaccount.UNK1"))["balance"] == 40
+
+
+async def test_command_over_the_maximum_payload_is_refused_by_nats_and_never_stored(bank):
+    url, _ = bank
+    async with client(url) as nc:
+        js = nc.jetstream()
+        stored_before = (await js.stream_info("CC_COMMANDS")).state.last_seq
+        huge = {"command_type": "deposit_funds", "key": "BIG1", "data": {"note": "x" * nc.max_payload}}
+        with pytest.raises(nats.errors.MaxPayloadError):
+            await send(nc, "bankaccount", huge)
+        assert (await js.stream_info("CC_COMMANDS")).state.last_seq == stored_before
+        # the client is still connected and the daemon still serving
+        assert (await result(nc, await send(nc, "bankaccount", _account("AFTER-BIG", 1))))["status"] == "accepted"
 
 
 async def test_undecodable_command_is_kept_as_a_dead_letter(bank):
     url, _ = bank
     async with client(url) as nc:
         seq = await send(nc, "bankaccount", b"\xff\xfe not even text")
-        assert (await result(nc, seq))["status"] == "rejected"
+        outcome = await result(nc, seq)
+        assert outcome["status"] == "rejected" and outcome["error"].startswith("malformed command: ")
         letters = await events_of_stream(nc, "CC_DEADLETTER", "cc.deadletter.AGG_CMD_bankaccount")
         (letter,) = [d for d in letters if d["stream_seq"] == seq]
-        assert letter["subject"] == "cc.commands.bankaccount" and "malformed command" in letter["reason"]
+        assert letter["subject"] == "cc.commands.bankaccount" and letter["reason"] == outcome["error"]
         assert base64.b64decode(letter["body_b64"]) == b"\xff\xfe not even text"
 
 
@@ -135,11 +172,13 @@ async def test_foreign_or_keyless_events_become_dead_letters(bank):
 
         async def letters():
             found = await events_of_stream(nc, "CC_DEADLETTER", "cc.deadletter.PM_interbankxfer")
-            return {d["stream_seq"]: d["reason"] for d in found}
+            return {d["stream_seq"]: (d["reason"], d["deliveries"]) for d in found}
 
         found = await eventually(letters, lambda f: {garbage.seq, keyless.seq} <= set(f))
-        assert "not a Concordance event" in found[garbage.seq]
-        assert "no usable process key in field 'wireTransferId'" in found[keyless.seq]
+        assert "not a Concordance event" in found[garbage.seq][0]
+        reason, deliveries = found[keyless.seq]
+        assert "no usable process key in field 'wireTransferId'" in reason
+        assert deliveries == 1  # at once: no delivery could ever find the key
         assert (await result(nc, await send(nc, "bankaccount", _account("AFTER-G", 1))))["status"] == "accepted"
     assert process.process.poll() is None
 
@@ -148,18 +187,42 @@ async def test_garbage_on_an_instance_subject_does_not_break_the_instance(bank):
     url, _ = bank
     async with client(url) as nc:
         await result(nc, await send(nc, "bankaccount", _account("JUNK1", 10)))
-        await nc.jetstream().publish("cc.events.funds_deposited.bankaccount.JUNK1", b"junk")
+        junk = await nc.jetstream().publish("cc.events.funds_deposited.bankaccount.JUNK1", b"junk")
         deposit = {"command_type": "deposit_funds", "key": "JUNK1",
                    "data": {"accountNumber": "JUNK1", "amount": 5, "customerId": "C1"}}
         assert (await result(nc, await send(nc, "bankaccount", deposit)))["status"] == "accepted"
         assert (await kv_json(nc, "CC_STATE", "agg.bankaccount.JUNK1"))["balance"] == 15
 
+        async def letters() -> dict[str, str]:  # consumer -> reason, for the junk message
+            found = await events_of_stream(nc, "CC_DEADLETTER", "cc.deadletter.>")
+            return {d["consumer"]: d["reason"] for d in found if (d["stream"], d["stream_seq"]) == ("CC_EVENTS", junk.seq)}
 
-async def test_command_for_unknown_aggregate_is_answered(bank):
+        # one dead letter for each consumer it reached: the aggregate's state consumer and the projector
+        found = await eventually(letters, lambda f: len(f) == 2)
+        assert sorted(found) == ["AGG_EVT_bankaccount", "PROJ_bankaccount_projector"]
+        assert all(reason.startswith("not a Concordance event") for reason in found.values()), found
+        assert await eventually(lambda: _projected_balance(nc, "JUNK1"), 15) == 15
+
+
+async def test_command_for_unknown_aggregate_is_answered_and_removed_from_the_queue(bank):
     url, _ = bank
     async with client(url) as nc:
-        outcome = await result(nc, await send(nc, "spaceship", {"command_type": "launch", "key": "S1"}))
-        assert outcome["status"] == "rejected" and "no aggregate named 'spaceship'" in outcome["error"]
+        js = nc.jetstream()
+        seq = await send(nc, "spaceship", {"command_type": "launch", "key": "S1", "data": {}})
+        outcome = await result(nc, seq)
+        assert outcome == {"status": "rejected", "aggregate": "spaceship", "events": [],
+                           "error": "no aggregate named 'spaceship' is linked; command discarded"}
+
+        async def still_stored() -> bool:
+            try:
+                await js.get_msg("CC_COMMANDS", seq)
+                return True
+            except nats.js.errors.NotFoundError:
+                return False
+
+        assert await eventually(still_stored, False) is False
+        info = await js.stream_info("CC_COMMANDS", subjects_filter="cc.commands.spaceship")
+        assert not info.state.subjects  # nothing left for the aggregate nobody linked
 
 
 async def _wire(nc, account: str, transfer: str, amount: int, routing: str) -> None:

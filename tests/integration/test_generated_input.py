@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from .harness import daemon, nats_server
+from .harness import DaemonProcess, daemon, nats_server
 
 pytestmark = pytest.mark.integration
 
@@ -94,13 +92,26 @@ def test_generated_link_values_start_or_are_refused_clearly(running, tmp_path_fa
         "spec": {"components": [{"name": "c", "type": "component", "properties": {"image": f"file://{image}"},
                                  "traits": [{"type": "link", "properties": {"target": "concordance", "values": values}}]}]},
     }))
-    process = subprocess.Popen([sys.executable, "-m", "concordance_provider.cli", "up", str(manifest),
-                                "--nats-url", url, "--log-format", "json"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = DaemonProcess(manifest, folder / "d.log", "--nats-url", url)
     try:
-        _, stderr = process.communicate(timeout=8)
-        assert process.returncode == 2 and "error:" in stderr and "Traceback" not in stderr, stderr
-    except subprocess.TimeoutExpired:  # valid values: it serves; stop it cleanly
-        process.terminate()
-        _, stderr = process.communicate(timeout=30)
-        assert process.returncode == 0, stderr
+        outcome = _started_or_refused(process)
+    finally:
+        code = process.stop()
+    text = process.log_path.read_text()
+    assert "Traceback" not in text, text
+    if outcome == "refused":
+        assert code == 2 and "error:" in text, text
+    else:  # valid values: it served until told to stop, then stopped cleanly
+        assert code == 0, text
+
+
+def _started_or_refused(process: DaemonProcess, timeout: float = 60.0) -> str:
+    """Wait until the daemon is ready to serve or has exited."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.process.poll() is not None:
+            return "refused"
+        if any(entry.get("event") == "concordance ready" for entry in process.logs()):
+            return "started"
+        time.sleep(0.1)  # polling, bounded by the deadline
+    raise AssertionError(f"neither ready nor refused in {timeout}s:\n{process.log_path.read_text()}")

@@ -13,7 +13,7 @@ import pytest
 
 from concordance_provider.nats_server import EmbeddedNatsServer, free_port
 
-from .harness import DaemonProcess, client, daemon, events, kv_json, result, send
+from .harness import DaemonProcess, client, daemon, events, kv_json, logged, result, send
 
 pytestmark = pytest.mark.integration
 
@@ -56,7 +56,7 @@ async def test_external_server_restart_during_load(example_components, tmp_path)
         with daemon(MANIFEST, tmp_path / "d.log", "--nats-url", server.url) as process:
             seqs = await _load(server.url)
             server.stop()
-            await asyncio.sleep(2)
+            await logged(process, "disconnected from NATS; reconnecting")
             assert process.process.poll() is None  # NATS away: the daemon waits, it does not crash
             server.start()
             await _all_done(server.url, seqs)
@@ -74,10 +74,9 @@ async def test_embedded_server_is_restarted_when_it_dies(example_components, tmp
         server_pid = next(e["pid"] for e in process.logs() if e.get("event") == "nats-server started")
         seqs = await _load(url)
         os.kill(server_pid, signal.SIGKILL)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and sum(e.get("event") == "nats-server started" for e in process.logs()) < 2:
-            await asyncio.sleep(0.2)
-        assert any(e.get("event") == "nats-server exited; starting it again" for e in process.logs())
+        await logged(process, "nats-server exited; starting it again")
+        restarted = (await logged(process, "nats-server started", count=2))[1]
+        assert restarted["pid"] != server_pid
         await _all_done(url, seqs)
     finally:
         assert process.stop() == 0

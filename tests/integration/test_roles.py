@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -100,3 +101,59 @@ async def test_a_projector_cannot_publish_events(example_components, tmp_path):
             found = await eventually(reasons, bool, timeout=30)
             assert len(found) == 1 and "a projector may not publish events" in found[0]
             assert [s for s, _ in await events(nc) if ".interbank." in s] == []
+
+
+WRITER = """\
+apiVersion: core.oam.dev/v1beta1
+kind: Application
+metadata: {name: writer}
+spec:
+  components:
+    - name: writer
+      type: component
+      properties: {image: "file://%(writer)s"}
+      traits:
+        - type: link
+          properties:
+            target: concordance
+            values: {ROLE: %(role)s, NAME: writer, INTEREST: note_taken, MAX_DELIVERIES: "2"}
+"""
+
+
+def _note(number: int, keys: list[str]) -> bytes:
+    return json.dumps({"specversion": "1.0", "id": f"note-{number}", "type": "note_taken", "source": "test",
+                       "time": "2026-01-01T00:00:00Z", "x-concordance-stream": "notes",
+                       "data": {"keys": keys}}).encode()
+
+
+BAD_KEYS = ["notes.has space", "notes.*", "notes..empty", "_cc.checkpoint.PROJ_writer"]
+
+
+@pytest.mark.parametrize("role, consumer", [("projector", "PROJ_writer"), ("notifier", "NOTIFIER_writer")])
+async def test_a_handler_writing_an_invalid_read_model_key_is_retried_then_dead_lettered(tmp_path, role, consumer):
+    writer = TEST_BUILD / "writer.wasm"
+    build_component(ROOT / "tests" / "components" / "writer", "stateless-handler", writer)
+    manifest = tmp_path / "app.yaml"
+    manifest.write_text(WRITER % {"writer": writer, "role": role})
+    with nats_server(tmp_path) as server, daemon(manifest, tmp_path / "d.log", "--nats-url", server.url) as process:
+        async with client(server.url) as nc:
+            js = nc.jetstream()
+            await js.publish("cc.events.note_taken.notes.N0", _note(0, ["notes.first"]))
+            bad = {(await js.publish(f"cc.events.note_taken.notes.B{n}", _note(n, [f"notes.valid{n}", key]))).seq: key
+                   for n, key in enumerate(BAD_KEYS)}
+            after = await js.publish("cc.events.note_taken.notes.N9", _note(9, ["notes.last"]))
+
+            async def letters() -> list[dict]:
+                return await events_of_stream(nc, "CC_DEADLETTER", f"cc.deadletter.{consumer}")
+
+            found = await eventually(letters, lambda found: len(found) == len(BAD_KEYS), timeout=60)
+            # each retried once, then dead, with a reason that names the key
+            assert {d["stream_seq"]: (d["deliveries"], d["reason"]) for d in found} == {
+                seq: (2, f"handler wrote read-model keys that are not valid KV keys: [{key!r}] (after 2 attempts)")
+                for seq, key in bad.items()}
+            checkpoint = lambda: kv_json(nc, "CC_RM_writer", f"_cc.checkpoint.{consumer}")  # noqa: E731
+            assert await eventually(checkpoint, after.seq) == after.seq  # the handler went on
+            written = await js.stream_info("KV_CC_RM_writer", subjects_filter="$KV.CC_RM_writer.notes.>")
+            # the events before and after are applied; nothing of a bad one, not even its valid key
+            assert sorted(written.state.subjects or {}) == ["$KV.CC_RM_writer.notes.first", "$KV.CC_RM_writer.notes.last"]
+        assert process.process.poll() is None

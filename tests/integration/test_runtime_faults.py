@@ -19,7 +19,7 @@ from concordance_provider.runtime.wasmtime_host import (
     WasmtimeComponent,
 )
 
-from .harness import client, daemon, kv_json, nats_server, result, send
+from .harness import client, daemon, events_of_stream, kv_json, nats_server, result, send
 
 pytestmark = pytest.mark.integration
 
@@ -106,8 +106,8 @@ async def test_daemon_keeps_serving_while_a_component_loops_forever(looper_compo
     manifest.write_text(MANIFEST % looper_component)
     with nats_server(tmp_path) as server, daemon(manifest, tmp_path / "d.log", "--nats-url", server.url) as process:
         async with client(server.url) as nc:
-            spin = await send(nc, "looper", {"command_type": "spin", "key": "L1"})
-            counted = [await send(nc, "looper", {"command_type": "count", "key": "L2"}) for _ in range(3)]
+            spin = await send(nc, "looper", {"command_type": "spin", "key": "L1", "data": {}})
+            counted = [await send(nc, "looper", {"command_type": "count", "key": "L2", "data": {}}) for _ in range(3)]
             assert [(await result(nc, s))["status"] for s in counted] == ["accepted"] * 3
             outcome = await result(nc, spin, timeout=60)
             assert outcome["status"] == "rejected" and "deadline" in outcome["error"]
@@ -121,7 +121,7 @@ async def test_daemon_keeps_serving_while_a_component_loops_forever(looper_compo
         assert (consumer, subject, deliveries) == ("AGG_CMD_looper", "cc.commands.looper", "3")
         assert "deadline" in reason
         shown = json.loads(_cli("deadletters", "show", dead_seq, "--nats-url", server.url))
-        assert json.loads(shown["body"]) == {"command_type": "spin", "key": "L1"}
+        assert json.loads(shown["body"]) == {"command_type": "spin", "key": "L1", "data": {}}
         assert shown["stream_seq"] == spin
 
         retried = _cli("deadletters", "retry", dead_seq, "--nats-url", server.url)
@@ -150,10 +150,39 @@ async def test_malformed_events_from_a_component_append_nothing(looper_component
     manifest.write_text(MANIFEST % looper_component)
     with nats_server(tmp_path) as server, daemon(manifest, tmp_path / "d.log", "--nats-url", server.url):
         async with client(server.url) as nc:
-            outcome = await result(nc, await send(nc, "looper", {"command_type": command, "key": "M1"}), timeout=60)
+            seq = await send(nc, "looper", {"command_type": command, "key": "M1", "data": {}})
+            outcome = await result(nc, seq, timeout=60)
             assert outcome["status"] == "rejected" and error in outcome["error"]
+            assert outcome["error"].endswith("(after 3 attempts)")  # retried, then rejected
+            (letter,) = await events_of_stream(nc, "CC_DEADLETTER", "cc.deadletter.AGG_CMD_looper")
+            assert (letter["stream_seq"], letter["deliveries"], letter["reason"]) == (seq, 3, outcome["error"])
             assert await kv_json(nc, "CC_STATE", "agg.looper.M1") is None
             assert (await nc.jetstream().stream_info("CC_EVENTS")).state.messages == 0
+
+
+@pytest.mark.parametrize("command, timeout_ms, error", [
+    ("spin", 300, "call exceeded its deadline of 0.30s"),
+    ("crash", 5000, "wasm trap"),
+    ("hog", 5000, "wasm trap"),  # MemoryError at the 64 MB limit aborts the guest
+])
+async def test_a_call_that_traps_or_runs_away_is_retried_then_dead_lettered(looper_component, tmp_path, command,
+                                                                            timeout_ms, error):
+    manifest = tmp_path / "app.yaml"
+    manifest.write_text((MANIFEST % looper_component).replace(
+        'CALL_TIMEOUT_MS: "300"', f'CALL_TIMEOUT_MS: "{timeout_ms}", MAX_MEMORY_MB: "64"'))
+    with nats_server(tmp_path) as server, daemon(manifest, tmp_path / "d.log", "--nats-url", server.url) as process:
+        async with client(server.url) as nc:
+            seq = await send(nc, "looper", {"command_type": command, "key": "F1", "data": {}})
+            outcome = await result(nc, seq, timeout=60)
+            assert outcome["status"] == "rejected" and error in outcome["error"], outcome
+            assert outcome["error"].endswith("(after 3 attempts)")
+            (letter,) = await events_of_stream(nc, "CC_DEADLETTER", "cc.deadletter.AGG_CMD_looper")
+            assert (letter["stream_seq"], letter["deliveries"], letter["reason"]) == (seq, 3, outcome["error"])
+            # the instance was replaced: the next command on the same key works
+            assert (await result(nc, await send(nc, "looper", {"command_type": "count", "key": "F1", "data": {}})))[
+                "status"] == "accepted"
+            assert await kv_json(nc, "CC_STATE", "agg.looper.F1") == {"count": 1}
+        assert process.process.poll() is None
 
 
 async def test_a_long_call_is_not_redelivered_while_it_runs(looper_component, tmp_path):
@@ -175,37 +204,71 @@ def _cli(*args: str, ok: bool = True) -> str:
     return done.stdout.strip() if ok else done.stderr
 
 
+async def _probe(component: WasmtimeComponent, target: dict) -> dict:
+    (event,) = await component.handle_command("looper", "probe", "k", None, json.dumps(target))
+    return json.loads(event.payload)
+
+
+def _refusal(attempt: dict) -> dict:
+    """One probe's outcome without the errno number, which is WASI's own (errno_name is portable)."""
+    return {name: value for name, value in attempt.items() if name != "errno"}
+
+
+def _network_refused(attempt: dict) -> None:
+    """A raw TCP socket for a numeric address: without the network, WASI refuses to create the
+    socket at all. A probe that connected reports ``allowed`` and fails this."""
+    assert _refusal(attempt) == {
+        "outcome": "refused", "at": "socket", "type": "PermissionError", "errno_name": "EACCES",
+        "message": f"[Errno {attempt.get('errno')}] Permission denied"}
+
+
 async def test_sandbox_refuses_files_sockets_and_environment(looper_component, tmp_path):
     secret = tmp_path / "secret.txt"
     secret.write_text("do not read")
+    assert secret.read_text() == "do not read"  # the host can read it; the guest must not
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen()
+        host, port = listener.getsockname()
         component = _looper(looper_component, timeout_ms=5000)
         await component.start()
         try:
-            (event,) = await component.handle_command(
-                "looper", "probe", "k", None, json.dumps({"file": str(secret), "port": listener.getsockname()[1]}))
+            report = await _probe(component, {"file": str(secret), "host": host, "port": port})
         finally:
             await component.close()
-    report = json.loads(event.payload)
-    assert report["file"].startswith("refused")
-    assert report["socket"].startswith("refused")
-    assert "HOME" not in report["env"] and "PATH" not in report["env"]
+        # had a connection gone through, the listener would hold it now
+        listener.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            listener.accept()
+    # no directory is granted: the file exists on the host, the guest cannot even see it
+    assert _refusal(report["file"]) == {
+        "outcome": "refused", "at": "open", "type": "FileNotFoundError", "errno_name": "ENOENT",
+        "message": f"[Errno {report['file'].get('errno')}] No such file or directory: '{secret}'"}
+    _network_refused(report["socket"])  # to the loopback address where the listener waits
+    assert report["env"] == {}
 
 
 async def test_granted_environment_and_directory_are_visible(looper_component, tmp_path):
     shared = tmp_path / "shared"
     shared.mkdir()
     (shared / "note.txt").write_text("granted")
+    (tmp_path / "secret.txt").write_text("above the granted directory")
     component = WasmtimeComponent("looper", looper_component, Role.AGGREGATE, call_timeout_ms=5000,
                                   max_memory_mb=64, grants=Grants(env={"GREETING": "hi"}, dirs={"/data": str(shared)}))
     await component.start()
     try:
-        (event,) = await component.handle_command(
-            "looper", "probe", "k", None, json.dumps({"file": "/data/note.txt", "port": 9}))
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen()
+            host, port = listener.getsockname()
+            report = await _probe(component, {"file": "/data/note.txt", "host": host, "port": port})
+            above = await _probe(component, {"file": "/data/../secret.txt", "host": host, "port": port})
     finally:
         await component.close()
-    report = json.loads(event.payload)
     assert report["env"] == {"GREETING": "hi"}
-    assert report["file"] == "allowed"
+    assert report["file"] == {"outcome": "allowed", "result": "granted"}
+    # a granted directory grants nothing above it, and never the network
+    assert _refusal(above["file"]) == {
+        "outcome": "refused", "at": "open", "type": "PermissionError", "errno_name": "EPERM",
+        "message": f"[Errno {above['file'].get('errno')}] Operation not permitted: '/data/../secret.txt'"}
+    _network_refused(report["socket"])

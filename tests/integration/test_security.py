@@ -42,7 +42,9 @@ def configured_server(tmp_path: Path, settings: str, scheme: str = "nats") -> It
                 socket.create_connection(("127.0.0.1", port), 0.2).close()
                 break
             except OSError:
-                time.sleep(0.05)
+                time.sleep(0.05)  # polling, bounded by the deadline
+        else:
+            raise AssertionError(f"nats-server did not listen on port {port} within 15s")
         yield f"{scheme}://127.0.0.1:{port}"
     finally:
         process.terminate()

@@ -8,14 +8,14 @@ as workloads and links them to the daemon.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from pathlib import Path
 
+import nats
 import pytest
 
-from .harness import client, daemon, eventually, kv_json, ledger, nats_server, result, send
+from .harness import client, daemon, eventually, kv_json, ledger, logged, nats_server, result, send
 from .lattice_stack import Deployment, WashHost, registry
 from .test_bankaccount import _account, _original, _projected_balance, _sorted_types, _wire
 
@@ -30,7 +30,8 @@ def lattice(tmp_path_factory):
     with nats_server(tmp) as server, registry(tmp / "registry") as registry_address:
         stack = {"url": server.url, "host": WashHost(server.url, tmp / "wash"), "tmp": tmp}
         try:
-            with daemon(None, tmp / "daemon.log", "--nats-url", server.url, "--lattice", "default"):
+            with daemon(None, tmp / "daemon.log", "--nats-url", server.url, "--lattice", "default") as process:
+                stack["daemon"] = process
                 deployment = Deployment(MANIFEST, registry_address, server.url, stack["host"].host_id,
                                         tmp / "deploy.log")
                 try:
@@ -72,6 +73,8 @@ async def test_killing_the_host_mid_run_loses_nothing(lattice):
     async with client(lattice["url"]) as nc:
         for account in accounts:
             assert (await result(nc, await send(nc, "bankaccount", _account(account, 0)), timeout=120))["status"] == "accepted"
+        unavailable = "component unavailable; will retry"
+        seen_before = sum(e.get("event") == unavailable for e in lattice["daemon"].logs())
         seqs = []
         for n in range(deposits):
             for account in accounts:
@@ -80,7 +83,10 @@ async def test_killing_the_host_mid_run_loses_nothing(lattice):
             if n == 2:
                 lattice["host"].kill()  # with commands queued and in flight
         killed_at = time.monotonic()
-        await asyncio.sleep(2)
+        # the daemon finds no host to call; the commands wait, none is decided or lost meanwhile
+        await logged(lattice["daemon"], unavailable, count=seen_before + 1, timeout=120)
+        with pytest.raises(nats.js.errors.KeyNotFoundError):
+            await (await nc.jetstream().key_value("CC_RESULTS")).get(str(seqs[-1]))
         lattice["host"] = WashHost(lattice["url"], lattice["tmp"] / "wash", name="restarted")
         outcomes = [await result(nc, seq, timeout=240) for seq in seqs]
         assert [o["status"] for o in outcomes] == ["accepted"] * len(seqs)

@@ -1,10 +1,13 @@
 """A misbehaving aggregate, written against interface/ alone: it spins, traps, or counts.
 
 Commands: `spin` loops forever; `crash` raises (a trap); `hog` allocates without bound;
-`count` emits `counted`; `unfoldable` emits an event its own fold refuses; `busy` works for {"seconds": n} first; `bad_type`, `bad_payload` and `wrong_stream` emit malformed events; `probe` tries to reach outside its sandbox (a file, a socket, the
-environment) and reports what happened in a `probed` event. State is {"count": n}.
+`count` emits `counted`; `unfoldable` emits an event its own fold refuses; `busy` works for
+{"seconds": n} first; `bad_type`, `bad_payload` and `wrong_stream` emit malformed events; `probe`
+tries to reach outside its sandbox (read a file, connect a raw TCP socket to a numeric address,
+read the environment) and reports what happened in a `probed` event. State is {"count": n}.
 """
 
+import errno
 import json
 import os
 import socket
@@ -15,12 +18,35 @@ from componentize_py_types import Err
 from wit_world.imports.types import Event, EventWithState, StateAck, StatefulCommand
 
 
-def _attempt(action) -> str:
+def _attempt(action) -> dict:
+    """What one reach outside the sandbox gave: its result, or the exact error it raised."""
+    step = {}
     try:
-        action()
-        return "allowed"
-    except Exception as exc:
-        return f"refused: {type(exc).__name__}: {exc}"
+        return {"outcome": "allowed", "result": action(step)}
+    except OSError as exc:
+        return {"outcome": "refused", **step, "type": type(exc).__name__, "errno": exc.errno,
+                "errno_name": errno.errorcode.get(exc.errno), "message": str(exc)}
+    except Exception as exc:  # anything else means the probe never got as far as the sandbox
+        return {"outcome": "failed", **step, "type": type(exc).__name__, "message": str(exc)}
+
+
+def _read(path: str, step: dict) -> str:
+    step["at"] = "open"
+    with open(path) as file:
+        step["at"] = "read"
+        return file.read()
+
+
+def _connect(host: str, port: int, step: dict) -> str:
+    """A raw socket to a numeric address: no name resolution, nothing but the connect itself."""
+    step["at"] = "socket"
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        step["at"] = "connect"
+        sock.connect((host, port))
+        return f"connected to {host}:{port}"
+    finally:
+        sock.close()
 
 
 class WitWorld(wit_world.WitWorld):
@@ -36,8 +62,8 @@ class WitWorld(wit_world.WitWorld):
                 hoard.append(bytearray(1024 * 1024))
         if command.command_type == "probe":
             target = json.loads(command.payload)
-            report = {"file": _attempt(lambda: open(target["file"]).read()),
-                      "socket": _attempt(lambda: socket.create_connection(("127.0.0.1", target["port"]), 2)),
+            report = {"file": _attempt(lambda step: _read(target["file"], step)),
+                      "socket": _attempt(lambda step: _connect(target["host"], target["port"], step)),
                       "env": dict(os.environ)}
             return [Event(event_type="probed", stream="looper", payload=json.dumps(report))]
         if command.command_type == "bad_type":
