@@ -35,7 +35,8 @@ def version() -> None:
 def up(
     manifest: Optional[Path] = typer.Argument(None, help="wadm-style application YAML; without one, "
                                               "components are linked at run time (concordance deploy)"),
-    nats_url: Optional[str] = typer.Option(None, help="use this NATS server instead of starting one"),
+    nats_url: Optional[str] = typer.Option(None, envvar="NATS_URL",
+                                           help="use this NATS server instead of starting one"),
     user: Optional[str] = typer.Option(None, envvar="NATS_USER"),
     password: Optional[str] = typer.Option(None, envvar="NATS_PASSWORD"),
     token: Optional[str] = typer.Option(None, envvar="NATS_TOKEN"),
@@ -45,7 +46,8 @@ def up(
     state_dir: Path = typer.Option(Path(".concordance"), envvar="CONCORDANCE_STATE_DIR",
                                    help="where the embedded NATS server keeps its data"),
     port: int = typer.Option(4222, help="port of the embedded NATS server (loopback only)"),
-    health_port: Optional[int] = typer.Option(None, help="serve GET /health on this loopback port"),
+    health_port: Optional[int] = typer.Option(None, help="serve GET /health and GET /metrics (Prometheus) on "
+                                                          "this loopback port"),
     stuck_after: float = typer.Option(120.0, help="seconds a consumer may spend on one batch before health "
                                                    "reports it stuck"),
     lattice: Optional[str] = typer.Option(None, help="also take links at run time on this lattice's provider "
@@ -54,8 +56,12 @@ def up(
     log_level: str = typer.Option("info"),
     log_format: str = typer.Option("auto", help="auto, json or console"),
 ) -> None:
-    """Run the daemon in the foreground until Ctrl-C or SIGTERM. With --lattice it also links any
-    component sent to wasmbus.rpc.{lattice}.{provider_id}.linkdefs.put."""
+    """Run the daemon in the foreground until Ctrl-C or SIGTERM.
+
+    Without --nats-url (or NATS_URL) it starts its own NATS server on 127.0.0.1:--port, keeping
+    its data in --state-dir; another daemon on the same port or directory is refused at once.
+    With --lattice it also links any component sent to wasmbus.rpc.{lattice}.{provider_id}.linkdefs.put.
+    """
     configure(log_level, log_format)
     if manifest is None and lattice is None:
         fail("nothing to run: give a manifest, or --lattice to take links at run time")
@@ -84,7 +90,7 @@ def up(
     except (ComponentLoadError, IncompatibleStream, DaemonFailed, LinkError) as exc:
         fail(str(exc))
     except OSError as exc:
-        fail(f"cannot reach NATS at {nats_url}: {exc}")
+        fail(f"cannot reach NATS at {options.safe_url}: {exc}")
     finally:
         if server is not None:
             server.stop()
@@ -104,8 +110,11 @@ async def _serve(daemon: Daemon, server: EmbeddedNatsServer | None) -> None:
 
 @app.command()
 def provider() -> None:
-    """Run as a wasmCloud host starts a capability provider: HostData on stdin, then serve the
-    provider subjects until the host asks for shutdown (exit 0)."""
+    """Run as a wasmCloud host starts a capability provider.
+
+    Reads HostData on stdin, then serves the provider subjects until the host asks for shutdown
+    (exit 0).
+    """
     try:
         host = read_host_data(sys.stdin.readline())
     except HostDataError as exc:

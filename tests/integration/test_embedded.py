@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from concordance_provider.nats_server import free_port
+from concordance_provider.nats_server import EmbeddedNatsServer, PortInUse, StateDirInUse, free_port, port_in_use
 
 from .harness import DaemonProcess, client, events, kv_json, result, send
 
@@ -130,3 +131,97 @@ async def test_incompatible_existing_stream_is_refused_clearly(example_component
     assert done.returncode == 2
     assert "stream CC_EVENTS exists with an incompatible configuration" in done.stderr
     assert "cc.events.>" in done.stderr
+
+
+def _up(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess[str], float]:
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "concordance_provider.cli", "up", str(MANIFEST), *args],
+                          capture_output=True, text=True, timeout=60, env={**os.environ, **(env or {})})
+    return done, time.monotonic() - started
+
+
+async def test_a_second_up_on_a_busy_port_or_state_dir_is_refused_and_the_first_serves_on(
+        example_components, tmp_path):
+    port, other_port = free_port(), free_port()
+    state = tmp_path / "state"
+    url = f"nats://127.0.0.1:{port}"
+    first = DaemonProcess(MANIFEST, tmp_path / "first.log", "--state-dir", str(state), "--port", str(port))
+    try:
+        first.wait_ready()
+        async with client(url) as nc:
+            await result(nc, await send(nc, "bankaccount", {"command_type": "create_account", "key": "BUSY",
+                         "data": {"accountNumber": "BUSY", "initialBalance": 10, "customerId": "C"}}))
+
+        # as `make run` twice: the same port and the same state directory
+        same, took = _up("--state-dir", str(state), "--port", str(port))
+        assert same.returncode == 2 and took < 10, (took, same.stderr)
+        assert f"state directory {state} is in use" in same.stderr
+        assert f"--nats-url {url}" in same.stderr and "--port" in same.stderr
+
+        # another state directory, the same port: refused before anything is written there
+        elsewhere = tmp_path / "elsewhere"
+        busy_port, took = _up("--state-dir", str(elsewhere), "--port", str(port))
+        assert busy_port.returncode == 2 and took < 10, (took, busy_port.stderr)
+        assert f"port {port} on 127.0.0.1 is already in use" in busy_port.stderr
+        assert "--port" in busy_port.stderr and f"--nats-url {url}" in busy_port.stderr
+        assert not (elsewhere / "jetstream").exists()
+
+        # the same state directory, another port: no second server on that data
+        busy_dir, took = _up("--state-dir", str(state), "--port", str(other_port))
+        assert busy_dir.returncode == 2 and took < 10, (took, busy_dir.stderr)
+        assert f"state directory {state} is in use" in busy_dir.stderr
+        assert not port_in_use(other_port)
+
+        for refused in (same, busy_port, busy_dir):
+            assert refused.stderr.count("error:") == 1 and "Traceback" not in refused.stderr
+        async with client(url) as nc:  # the first daemon and its data are as they were
+            assert (await result(nc, await send(nc, "bankaccount", _deposit("BUSY", 5))))["status"] == "accepted"
+            assert (await kv_json(nc, "CC_STATE", "agg.bankaccount.BUSY"))["balance"] == 15
+        assert first.process.poll() is None
+        assert not [e for e in first.logs() if e.get("event") == "nats-server exited; starting it again"]
+        assert len([e for e in first.logs() if e.get("event") == "nats-server started"]) == 1
+    finally:
+        assert first.stop() == 0
+
+
+def test_two_embedded_servers_never_share_a_state_directory(tmp_path):
+    first = EmbeddedNatsServer(tmp_path / "state", free_port(), name="first")
+    second = EmbeddedNatsServer(tmp_path / "state", free_port(), name="second")
+    first.start()
+    try:
+        with pytest.raises(StateDirInUse, match=f"NATS server on port {first.port}"):
+            second.start()
+        assert not second.running and not port_in_use(second.port)
+    finally:
+        first.stop()
+    second.start()  # the directory is free once its server stopped
+    try:
+        assert second.running
+    finally:
+        second.stop()
+
+
+def test_a_server_that_cannot_bind_is_not_taken_for_the_one_that_answers(tmp_path):
+    """Something else answering on the port is never taken for this daemon's own server."""
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        server = EmbeddedNatsServer(tmp_path / "state", squatter.getsockname()[1])
+        with pytest.raises(PortInUse, match="--nats-url"):
+            server.start()
+        assert not server.running and not (tmp_path / "state" / "jetstream").exists()
+
+
+def test_up_reads_nats_url_from_the_environment(tmp_path):
+    from .harness import nats_server
+
+    with nats_server(tmp_path) as server:
+        process = DaemonProcess(None, tmp_path / "d.log", "--lattice", "env", "--state-dir", str(tmp_path / "state"),
+                                env={"NATS_URL": server.url})
+        try:
+            process.wait_ready()
+            ready = next(e for e in process.logs() if e.get("event") == "concordance ready")
+            assert ready["nats"] == server.url
+            assert not [e for e in process.logs() if e.get("event") == "nats-server started"]
+        finally:
+            assert process.stop() == 0
