@@ -20,7 +20,11 @@ DEFAULT_BATCH = 200
 DEFAULT_CALL_TIMEOUT_MS = 10_000
 DEFAULT_MEMORY_MB = 256
 DEFAULT_MAX_DELIVERIES = 5
-DEFAULT_ACK_WAIT_MS = 30_000
+# The time a dead daemon's fetched messages stay with it before the server redelivers them.
+# Live work is never redelivered for being slow: every fetched message gets an in-progress ack
+# each third of this. Other ways to take back a dead daemon's messages early need to know it is
+# dead (a -NAK must name the delivery; resetting the consumer loses every live delivery too).
+DEFAULT_ACK_WAIT_MS = 5_000
 
 
 class LinkError(ValueError):

@@ -10,7 +10,6 @@ double append or fold) are the engine's; here are consumers, settling and outcom
 from __future__ import annotations
 
 import asyncio
-import json
 
 import structlog
 from nats.aio.msg import Msg
@@ -21,12 +20,12 @@ from ..engine.repository import AggregateRepository
 from ..links import Interest
 from ..naming import COMMANDS_STREAM, EVENTS_STREAM, command_subject, stream_filter
 from ..runtime import Component, ComponentFailed
+from ..store.commands import CommandQueue, command_key
 from ..store.deadletters import DeadLetters
 from ..store.results import ResultStore
 from ..wire import BadMessage, CommandResult, RawCommand, parse_command
 from .base import (
     ConsumerSpec,
-    KeyOrder,
     Poison,
     Retry,
     Settler,
@@ -49,7 +48,7 @@ class AggregateWorker:
         self.repository = AggregateRepository(interest.name, self.stream, component, log_, states)
         self._processor = CommandProcessor(self.repository, component)
         self._results = results
-        self._command_order = KeyOrder()
+        self._command_order = CommandQueue(interest.name)
         self._logger = log.bind(component=component.name, aggregate=interest.name)
         self._settle_command = Settler(self.command_consumer().durable, component.name, interest.max_deliveries,
                                        dead_letters, self._logger, on_dead=self._answer_dead_command)
@@ -67,7 +66,7 @@ class AggregateWorker:
 
     async def dispatch_commands(self, batch: list[Msg], stopping: asyncio.Event) -> None:
         await dispatch_by_key(batch, _command_key, lambda m: self._settle_command(m, self.on_command),
-                              stopping, self._command_order)
+                              stopping, must_wait=self._command_order.must_wait)
 
     async def dispatch_events(self, batch: list[Msg], stopping: asyncio.Event) -> None:
         await dispatch_by_key(batch, lambda m: m.subject.rsplit(".", 1)[-1],
@@ -116,8 +115,5 @@ class AggregateWorker:
             raise Retry(str(exc)) from None
 
 
-def _command_key(msg: Msg) -> str:
-    try:
-        return str(json.loads(msg.data).get("key", ""))
-    except Exception:  # any body at all, even one nested deeper than the parser goes
-        return ""
+def _command_key(msg: Msg) -> str | None:
+    return command_key(msg.data)

@@ -13,7 +13,7 @@ import time
 from collections import defaultdict
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable, Hashable
+from typing import Any, AsyncIterator, Awaitable, Callable, Collection, Hashable
 
 import structlog
 from nats.aio.msg import Msg
@@ -25,7 +25,7 @@ from nats.js.errors import NotFoundError
 from ..engine.mapper import LoggedEvent, from_message
 from ..engine.mapper import to_component as to_component_event  # noqa: F401  (the handlers' import)
 from ..failpoints import fail_point
-from ..links import Interest
+from ..links import DEFAULT_ACK_WAIT_MS, Interest
 from ..naming import RETRY_FOR
 from ..runtime import ComponentUnavailable
 from ..store.deadletters import DeadLetter, DeadLetters
@@ -35,7 +35,7 @@ log = structlog.get_logger(__name__)
 
 BACKOFF_SECONDS = (1, 2, 5, 10, 30, 60)
 OUTAGE_BACKOFF_SECONDS = 5.0  # a component host that comes back is used within seconds
-ORDER_WAIT_SECONDS = 0.5
+ORDER_WAIT_SECONDS = 0.5  # a message waiting for an earlier one of its key looks again this soon
 
 
 class Retry(Exception):
@@ -53,7 +53,7 @@ class ConsumerSpec:
     filter_subjects: tuple[str, ...]
     batch: int
     max_ack_pending: int = 1000
-    ack_wait: float = 30.0  # seconds
+    ack_wait: float = DEFAULT_ACK_WAIT_MS / 1000  # seconds
 
     def config(self) -> ConsumerConfig:
         filters = list(self.filter_subjects)
@@ -120,8 +120,10 @@ async def _keep_alive(batch: list[Msg], ack_wait: float) -> None:
     while True:
         await asyncio.sleep(ack_wait / 3)
         for msg in batch:
+            if msg.is_acked:  # settled or handed back: progress would postpone a nak's redelivery to ack wait
+                continue
             try:
-                await msg.in_progress()  # a no-op for messages already settled
+                await msg.in_progress()
             except Exception:
                 return  # connection gone: redelivery after ack wait is the fallback
 
@@ -255,37 +257,10 @@ class ConsumerLoop:
                 pass
 
 
-class KeyOrder:
-    """Keeps one key's messages in order across redeliveries, within this daemon.
-
-    When a message is sent back for redelivery, later messages of its key are sent back too,
-    until it is settled (or, if another daemon got it, until the hold expires).
-    """
-
-    def __init__(self, hold_seconds: float = 2 * max(BACKOFF_SECONDS)) -> None:
-        self._holds: dict[Hashable, tuple[int, float]] = {}  # key -> (first unsettled seq, expiry)
-        self._hold_seconds = hold_seconds
-
-    def waits(self, key: Hashable, seq: int) -> bool:
-        hold = self._holds.get(key)
-        if hold is None or hold[1] < time.monotonic():
-            self._holds.pop(key, None)
-            return False
-        return seq > hold[0]
-
-    def record(self, key: Hashable, seq: int, settled: bool) -> None:
-        hold = self._holds.get(key)
-        if settled:
-            if hold is not None and hold[0] == seq:
-                del self._holds[key]
-        elif hold is None or seq <= hold[0]:
-            self._holds[key] = (seq, time.monotonic() + self._hold_seconds)
-
-
-async def hand_back(msg: Msg) -> None:
-    """Shutting down: give a message not yet started back to the server at once."""
+async def hand_back(msg: Msg, delay: float | None = None) -> None:
+    """Give a message back to the server, redelivered at once or after ``delay`` seconds."""
     try:
-        await msg.nak()
+        await msg.nak(delay=delay)
     except Exception:  # noqa: BLE001 - redelivered after ack wait anyway
         pass
 
@@ -301,26 +276,45 @@ async def dispatch_in_order(batch: list[Msg], handle: Callable[[Msg], Awaitable[
 
 
 async def dispatch_by_key(
-    batch: list[Msg], key_of: Callable[[Msg], Hashable], handle: Callable[[Msg], Awaitable[bool]],
-    stopping: asyncio.Event, order: KeyOrder | None = None,
+    batch: list[Msg], key_of: Callable[[Msg], Hashable | None], handle: Callable[[Msg], Awaitable[bool]],
+    stopping: asyncio.Event, must_wait: Callable[[list[Msg]], Awaitable[Collection[int]]] | None = None,
 ) -> None:
     """Handle messages of different keys concurrently and of one key in order; on shutdown,
-    messages not yet started go back to the server."""
-    groups: dict[Hashable, list[Msg]] = defaultdict(list)
-    for msg in batch:
-        groups[key_of(msg)].append(msg)
+    messages not yet started go back to the server. A message whose key is None is alone.
 
-    async def in_order(key: Hashable, msgs: list[Msg]) -> None:
+    With ``must_wait``, one key's messages are kept in order across batches and daemons too:
+    it names the stream sequences of the batch that must wait for an earlier message of their
+    key held elsewhere, and after a message that is not settled the rest of its key wait as
+    well. A waiting message goes back to the server for ``ORDER_WAIT_SECONDS``, undecided.
+    """
+    waiting: Collection[int] = ()
+    if must_wait is not None:
+        try:
+            waiting = await must_wait(batch)
+        except Exception as exc:  # unknown order: decide nothing, look again soon
+            log.warning("could not read what comes first; batch handed back", error=str(exc))
+            for msg in batch:
+                await hand_back(msg, min(backoff(msg.metadata.num_delivered), OUTAGE_BACKOFF_SECONDS))
+            return
+
+    groups: dict[Hashable, list[Msg]] = defaultdict(list)
+    # a fetch may bring a redelivered message after a newer one: each key goes in stream order
+    for msg in sorted(batch, key=lambda m: m.metadata.sequence.stream):
+        key = key_of(msg)
+        groups[key if key is not None else (None, msg.metadata.sequence.stream)].append(msg)
+
+    async def in_order(msgs: list[Msg]) -> None:
+        blocked = False
         for msg in msgs:
-            seq = msg.metadata.sequence.stream
             if stopping.is_set():
                 await hand_back(msg)
-                continue
-            if order is not None and order.waits(key, seq):
-                await msg.nak(delay=ORDER_WAIT_SECONDS)  # an earlier message of this key comes first
-                continue
-            settled = await handle(msg)
-            if order is not None:
-                order.record(key, seq, settled)
+            elif blocked or msg.metadata.sequence.stream in waiting:
+                log.debug("waiting for an earlier message of its key", subject=msg.subject,
+                          stream_seq=msg.metadata.sequence.stream)
+                await hand_back(msg, ORDER_WAIT_SECONDS)
+                blocked = True
+            else:
+                settled = await handle(msg)
+                blocked = must_wait is not None and not settled
 
-    await asyncio.gather(*(in_order(key, msgs) for key, msgs in groups.items()))
+    await asyncio.gather(*(in_order(msgs) for msgs in groups.values()))

@@ -1,0 +1,91 @@
+"""The command queue, CC_COMMANDS, read as the list of unfinished commands.
+
+CC_COMMANDS is a work queue: a command leaves it when it is acked (decided) or terminated (its
+dead letter stored). A command still stored is unfinished, whichever daemon holds it, even one
+that died. So a fetched command may be decided only when no earlier command of its key is still
+stored, apart from those fetched with it, which its worker decides first.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Iterable
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from ..naming import COMMANDS_STREAM, command_subject
+from .jetstream import StoredMessage, direct_get_batch
+
+PAGE_MARGIN = 32  # room for commands held elsewhere, so one request usually reads them all
+
+
+def command_key(data: bytes) -> str | None:
+    """The ``key`` of a command body; None for a body without one, which orders nothing."""
+    try:
+        body = json.loads(data)
+    except Exception:  # any body at all, even one nested deeper than the parser goes
+        return None
+    key = body.get("key") if isinstance(body, dict) else None
+    return key if isinstance(key, str) else None
+
+
+def must_wait(batch: Iterable[tuple[int, str | None]], stored: Iterable[tuple[int, str | None]]) -> set[int]:
+    """The sequences of the batch's commands that may not be decided yet.
+
+    ``batch`` and ``stored`` are (stream sequence, key) pairs: the fetched commands, and the
+    commands of the same aggregate still stored below the batch's last one. A command waits when
+    an earlier command of its key is stored and not in the batch: someone else holds it, or it
+    is waiting for its own redelivery.
+    """
+    batch = list(batch)
+    fetched = {seq for seq, _ in batch}
+    first_elsewhere: dict[str, int] = {}
+    for seq, key in stored:
+        if key is not None and seq not in fetched and seq < first_elsewhere.get(key, seq + 1):
+            first_elsewhere[key] = seq
+    return {seq for seq, key in batch if key is not None and first_elsewhere.get(key, seq) < seq}
+
+
+def _more_after(page: list[StoredMessage], size: int) -> bool:
+    """Whether the subject has messages after this page: the server counts them on each message
+    (``Nats-Num-Pending``), since it may end a page early; without the count, a short page ends."""
+    if not page:
+        return False
+    pending = page[-1].headers.get("Nats-Num-Pending")
+    return int(pending) > 0 if pending is not None else len(page) == size
+
+
+class CommandQueue:
+    """The stored (unfinished) commands of one aggregate."""
+
+    def __init__(self, aggregate: str) -> None:
+        self._subject = command_subject(aggregate)
+
+    async def unfinished(self, nc: NATS, below_seq: int, page: int = 256) -> list[tuple[int, str | None]]:
+        """(sequence, key) of each of the aggregate's commands still stored below ``below_seq``.
+
+        A direct get by subject has no upper bound (the server ignores ``up_to_seq`` there), so
+        pages are read until one passes ``below_seq``.
+        """
+        found: list[tuple[int, str | None]] = []
+        start = 1
+        while True:  # each page starts past the last: ends within (stored messages / page) + 1 reads
+            messages = await direct_get_batch(nc, COMMANDS_STREAM, self._subject, start_seq=start, limit=page)
+            for message in messages:
+                if message.seq >= below_seq:
+                    return found
+                found.append((message.seq, command_key(message.data)))
+            if not _more_after(messages, page):
+                return found
+            start = messages[-1].seq + 1
+
+    async def must_wait(self, batch: list[Msg]) -> set[int]:
+        """The sequences of the fetched commands that must wait for an earlier one of their key."""
+        fetched = [(msg.metadata.sequence.stream, command_key(msg.data)) for msg in batch]
+        if not any(key is not None for _, key in fetched):
+            return set()
+        last = max(seq for seq, _ in fetched)
+        nc = batch[0]._client  # the connection the batch came on (its acks go there too)
+        stored = await self.unfinished(nc, last, page=len(batch) + PAGE_MARGIN)
+        return must_wait(fetched, stored)

@@ -1,0 +1,133 @@
+"""Commands of one key are decided in stream order whichever daemon holds them: a daemon that
+dies holding the creates of fresh accounts does not let their deposits be decided first.
+
+A daemon fetches a malformed command and, behind it in the same batch, the ``create_account``
+commands of fresh accounts. It crashes on the malformed one (a failpoint: before its dead letter
+is stored), so it dies holding every create, none of them started. New daemons (one, two,
+three) then get three deposits per account, each sent after the previous command's ack. Every
+deposit must wait for its account's create, and the held creates must be finished soon after.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+from nats.aio.client import Client as NATS
+
+from concordance_provider.failpoints import CRASH_EXIT_CODE, ENV
+from concordance_provider.store.jetstream import read_all
+from concordance_provider.store.streams import ensure_all
+
+from .harness import DaemonProcess, client, example_manifest, kv_json, nats_server, result, send
+
+pytestmark = pytest.mark.integration
+
+ACCOUNTS = [f"ORD{i:02d}" for i in range(20)]
+OPENING = 1000
+DEPOSITS = (10, 20, 30)
+RECOVERY_SECONDS = 10.0  # from the crash until the commands the dead daemon held are finished
+EXIT_TIMEOUT = 60.0
+CAUSATION = "Concordance-Causation"  # on each event: "command:{seq}" of the command that caused it
+
+
+def create(account: str) -> dict:
+    return {"command_type": "create_account", "key": account,
+            "data": {"accountNumber": account, "initialBalance": OPENING, "customerId": "C"}}
+
+
+def deposit(account: str, amount: int) -> dict:
+    return {"command_type": "deposit_funds", "key": account,
+            "data": {"accountNumber": account, "amount": amount, "customerId": "C"}}
+
+
+async def stored_commands(nc: NATS) -> set[int]:
+    return {m.seq for m in await read_all(nc, "CC_COMMANDS", "cc.commands.bankaccount")}
+
+
+async def seconds_until_finished(nc: NATS, seqs: dict[str, int], since: float) -> float:
+    """How long after ``since`` every one of ``seqs`` was finished (or the time it gave up)."""
+    deadline = since + RECOVERY_SECONDS + 30
+    while not await finished(nc, seqs) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    return time.monotonic() - since
+
+
+async def finished(nc: NATS, seqs: dict[str, int]) -> bool:
+    """Every one of ``seqs`` has left the queue and has an outcome."""
+    if await stored_commands(nc) & set(seqs.values()):
+        return False
+    kv = await nc.jetstream().key_value("CC_RESULTS")
+    try:
+        for seq in seqs.values():
+            await kv.get(str(seq))
+    except Exception:  # noqa: BLE001 - not there yet
+        return False
+    return True
+
+
+async def deposits_after_each_ack(nc: NATS, account: str) -> list[int]:
+    return [await send(nc, "bankaccount", deposit(account, amount)) for amount in DEPOSITS]
+
+
+def wait_for_crash(process: DaemonProcess) -> float:
+    deadline = time.monotonic() + EXIT_TIMEOUT
+    while process.process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    crashed_at = time.monotonic()
+    assert process.stop() == CRASH_EXIT_CODE, process.log_path.read_text()
+    return crashed_at
+
+
+@pytest.mark.parametrize("daemons", [1, 2, 3])
+async def test_commands_held_by_a_crashed_daemon_come_before_later_commands_of_their_key(
+        example_components, tmp_path: Path, daemons: int) -> None:
+    manifest = example_manifest(tmp_path, {})
+    with nats_server(tmp_path) as server:
+        args = ("--nats-url", server.url, "--log-level", "debug")
+        async with client(server.url) as nc:
+            await ensure_all(nc.jetstream())
+            # sent before the daemon starts, so its first batch holds them all; the malformed
+            # command comes first, and the daemon crashes on it before it starts on any create
+            malformed = await send(nc, "bankaccount", b"{not json")
+            creates = {account: await send(nc, "bankaccount", create(account)) for account in ACCOUNTS}
+            holder = DaemonProcess(manifest, tmp_path / "holder.log", *args,
+                                   env={ENV: "deadletter.before_store=crash@1"})
+            crashed_at = wait_for_crash(holder)
+            held = await nc.jetstream().consumer_info("CC_COMMANDS", "AGG_CMD_bankaccount")
+            assert held.num_ack_pending == len(ACCOUNTS) + 1 and held.num_pending == 0
+            assert await stored_commands(nc) == {malformed, *creates.values()}
+            assert not await read_all(nc, "CC_EVENTS", "cc.events.>"), "the crashed daemon started a create"
+
+            recovery = asyncio.create_task(seconds_until_finished(nc, creates, crashed_at))
+            successors = [DaemonProcess(manifest, tmp_path / f"daemon{i}.log", *args) for i in range(daemons)]
+            try:
+                for process in successors:
+                    process.wait_ready()
+                sent = await asyncio.gather(*(deposits_after_each_ack(nc, a) for a in ACCOUNTS))
+                deposits = dict(zip(ACCOUNTS, sent))
+
+                outcomes = {seq: await result(nc, seq, timeout=60) for seqs in deposits.values() for seq in seqs}
+                refused = {seq: o.get("error") for seq, o in outcomes.items() if o["status"] != "accepted"}
+                assert not refused, (f"{len(refused)} of {len(outcomes)} deposits decided before their account's "
+                                     f"create: {sorted(refused.items())[:3]} ...")
+
+                took = await recovery
+                print(f"{daemons} daemon(s): the held commands were finished {took:.1f} s after the crash")
+                assert await finished(nc, creates)
+                assert took < RECOVERY_SECONDS, f"held commands finished {took:.1f}s after the crash"
+                for account in ACCOUNTS:
+                    assert (await result(nc, creates[account]))["status"] == "accepted"
+                assert (await result(nc, malformed))["status"] == "rejected"
+
+                for account in ACCOUNTS:
+                    state = await kv_json(nc, "CC_STATE", f"agg.bankaccount.{account}")
+                    assert state["balance"] == OPENING + sum(DEPOSITS), account
+                    log = await read_all(nc, "CC_EVENTS", f"cc.events.*.bankaccount.{account}")
+                    causes = [int(m.headers[CAUSATION].split(":")[1]) for m in log]
+                    assert causes == [creates[account], *deposits[account]], (account, causes)
+            finally:
+                for process in successors:
+                    process.stop()

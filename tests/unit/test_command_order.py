@@ -1,0 +1,164 @@
+"""Which fetched commands may be decided: the rule on stored earlier commands, and dispatch."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import pytest
+
+from concordance_provider.store.commands import CommandQueue, command_key, must_wait
+from concordance_provider.workers.base import ORDER_WAIT_SECONDS, dispatch_by_key
+
+
+# -- the key of a command body ----------------------------------------------------------------
+
+@pytest.mark.parametrize("body, key", [
+    (b'{"command_type": "deposit_funds", "key": "ABC", "data": {}}', "ABC"),
+    (b'{"key": ""}', ""),
+    (b'{"command_type": "deposit_funds"}', None),
+    (b'{"key": 42}', None),
+    (b'["key", "ABC"]', None),
+    (b"{not json", None),
+    (b"\xff\xfe", None),
+    (b"[" * 100_000, None),
+])
+def test_a_command_key_is_its_string_key_field_or_none(body: bytes, key: str | None) -> None:
+    assert command_key(body) == key
+
+
+# -- the rule -------------------------------------------------------------------------------------
+
+def test_nothing_waits_when_only_the_batch_is_stored() -> None:
+    batch = [(3, "A"), (4, "B"), (5, "A")]
+    assert must_wait(batch, batch) == set()
+
+
+def test_an_earlier_command_stored_elsewhere_holds_back_its_key_only() -> None:
+    batch = [(21, "A"), (22, "B"), (41, "A")]
+    stored = [(1, "A"), (21, "A"), (22, "B"), (41, "A")]
+    assert must_wait(batch, stored) == {21, 41}
+
+
+def test_only_commands_after_the_one_held_elsewhere_wait() -> None:
+    batch = [(5, "A"), (9, "A")]
+    stored = [(5, "A"), (7, "A"), (9, "A")]
+    assert must_wait(batch, stored) == {9}
+
+
+def test_a_later_command_stored_elsewhere_holds_back_nothing() -> None:
+    assert must_wait([(5, "A")], [(5, "A"), (8, "A")]) == set()
+
+
+def test_a_command_without_a_key_neither_waits_nor_holds_back() -> None:
+    batch = [(4, None), (6, "A")]
+    stored = [(1, None), (2, "B"), (4, None), (6, "A")]
+    assert must_wait(batch, stored) == set()
+
+
+def test_finished_commands_are_not_stored_and_hold_back_nothing() -> None:
+    # 1 and 2 of key A were acked: the queue no longer has them
+    assert must_wait([(3, "A")], [(3, "A")]) == set()
+
+
+# -- dispatch ------------------------------------------------------------------------------------
+
+@dataclass
+class FakeMsg:
+    seq: int
+    key: str | None
+    num_delivered: int = 1
+    naks: list[float | None] = field(default_factory=list)
+    is_acked: bool = False
+    subject: str = "cc.commands.bankaccount"
+
+    @property
+    def metadata(self) -> SimpleNamespace:
+        return SimpleNamespace(sequence=SimpleNamespace(stream=self.seq), num_delivered=self.num_delivered)
+
+    @property
+    def data(self) -> bytes:
+        return b"{}" if self.key is None else f'{{"key": "{self.key}"}}'.encode()
+
+    async def nak(self, delay: float | None = None) -> None:
+        self.naks.append(delay)
+        self.is_acked = True
+
+
+def run(batch: list[FakeMsg], waiting: set[int] | None = None, unsettled: set[int] = frozenset(),
+        stopping: bool = False) -> list[int]:
+    """Dispatch ``batch``; return the sequences handled, in the order they were handled."""
+    handled: list[int] = []
+
+    async def handle(msg: FakeMsg) -> bool:
+        handled.append(msg.seq)
+        await asyncio.sleep(0)
+        return msg.seq not in unsettled
+
+    async def order(msgs: list[FakeMsg]) -> set[int]:
+        assert waiting is not None
+        return waiting
+
+    event = asyncio.Event()
+    if stopping:
+        event.set()
+    asyncio.run(dispatch_by_key(batch, lambda m: m.key, handle, event,  # type: ignore[arg-type]
+                                must_wait=order if waiting is not None else None))
+    return handled
+
+
+def test_waiting_commands_go_back_undecided_for_a_short_while() -> None:
+    batch = [FakeMsg(21, "A"), FakeMsg(22, "B"), FakeMsg(41, "A")]
+    assert run(batch, waiting={21}) == [22]
+    assert batch[0].naks == batch[2].naks == [ORDER_WAIT_SECONDS]
+    assert batch[1].naks == []
+
+
+def test_after_a_command_that_is_not_settled_the_rest_of_its_key_wait() -> None:
+    batch = [FakeMsg(1, "A"), FakeMsg(2, "A"), FakeMsg(3, "B"), FakeMsg(4, "A")]
+    assert sorted(run(batch, waiting=set(), unsettled={1})) == [1, 3]
+    assert batch[1].naks == batch[3].naks == [ORDER_WAIT_SECONDS]
+
+
+def test_without_an_order_check_a_failure_holds_back_nothing() -> None:
+    batch = [FakeMsg(1, "A"), FakeMsg(2, "A")]
+    assert run(batch, unsettled={1}) == [1, 2]
+
+
+def test_one_key_is_handled_in_stream_order_whatever_order_the_fetch_brought() -> None:
+    batch = [FakeMsg(68, "A"), FakeMsg(48, "A", num_delivered=3), FakeMsg(50, "B")]
+    handled = run(batch, waiting=set())
+    assert handled.index(48) < handled.index(68)
+
+
+def test_commands_without_a_key_are_each_alone() -> None:
+    batch = [FakeMsg(1, None), FakeMsg(2, None)]
+    assert sorted(run(batch, waiting=set(), unsettled={1})) == [1, 2]
+
+
+def test_when_the_order_cannot_be_read_nothing_is_decided() -> None:
+    batch = [FakeMsg(1, "A", num_delivered=2), FakeMsg(2, "B")]
+    handled: list[int] = []
+
+    async def broken(msgs: list[FakeMsg]) -> set[int]:
+        raise TimeoutError("no answer")
+
+    async def handle(msg: FakeMsg) -> bool:
+        handled.append(msg.seq)
+        return True
+
+    asyncio.run(dispatch_by_key(batch, lambda m: m.key, handle, asyncio.Event(), must_wait=broken))  # type: ignore[arg-type]
+    assert handled == []
+    assert batch[0].naks == [2.0] and batch[1].naks == [1.0]  # the usual backoff, at most the outage wait
+
+
+def test_on_shutdown_every_command_goes_back_at_once() -> None:
+    batch = [FakeMsg(1, "A"), FakeMsg(2, "B")]
+    assert run(batch, waiting=set(), stopping=True) == []
+    assert batch[0].naks == batch[1].naks == [None]
+
+
+def test_a_batch_without_keys_asks_the_server_nothing() -> None:
+    batch = [FakeMsg(1, None), FakeMsg(2, None)]  # no connection: a request would fail
+    assert asyncio.run(CommandQueue("bankaccount").must_wait(batch)) == set()  # type: ignore[arg-type]
