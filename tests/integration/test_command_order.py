@@ -21,7 +21,7 @@ from concordance_provider.failpoints import CRASH_EXIT_CODE, ENV
 from concordance_provider.store.jetstream import read_all
 from concordance_provider.store.streams import ensure_all
 
-from .harness import DaemonProcess, client, example_manifest, kv_json, nats_server, result, send
+from .harness import READY_TIMEOUT, DaemonProcess, client, example_manifest, kv_json, nats_server, result, send
 
 pytestmark = pytest.mark.integration
 
@@ -29,7 +29,6 @@ ACCOUNTS = [f"ORD{i:02d}" for i in range(20)]
 OPENING = 1000
 DEPOSITS = (10, 20, 30)
 RECOVERY_SECONDS = 10.0  # from the crash until the commands the dead daemon held are finished
-EXIT_TIMEOUT = 60.0
 CAUSATION = "Concordance-Causation"  # on each event: "command:{seq}" of the command that caused it
 
 
@@ -73,7 +72,7 @@ async def deposits_after_each_ack(nc: NATS, account: str) -> list[int]:
 
 
 def wait_for_crash(process: DaemonProcess) -> float:
-    deadline = time.monotonic() + EXIT_TIMEOUT
+    deadline = time.monotonic() + READY_TIMEOUT  # it crashes on its first batch, once it has started
     while process.process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     crashed_at = time.monotonic()
