@@ -1,6 +1,8 @@
 """The ``concordance`` command: one module per group of subcommands, all on one app."""
 
-from . import client, daemon, deadletters, lattice, maintenance  # noqa: F401 - they register their commands
+# They register their commands; --help lists them in this order.
+from . import client, read  # noqa: F401, I001
+from . import daemon, lattice, maintenance, deadletters  # noqa: F401, I001
 from .common import app
 
 

@@ -4,48 +4,102 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from pathlib import Path
 
 import typer
+from nats.aio.client import Client as NATS
+from nats.errors import NoRespondersError
 
-from ..naming import RESULTS_BUCKET, command_subject
+from ..naming import RESULTS_BUCKET, InvalidName, check_token, command_subject
 from ..status import STATUS_SUBJECT
-from .common import NATS_URL, app, fail, nats_client
+from ..wire import BadMessage, parse_command
+from .common import NATS_URL, app, fail, nats_client, run
 
 
 @app.command()
 def send(
     aggregate: str = typer.Argument(..., help="aggregate name, e.g. bankaccount"),
-    command: str = typer.Argument(..., help="RawCommand JSON, or @file.json"),
+    command: str = typer.Argument(..., help="RawCommand JSON text; @FILE to send a file's contents; - for stdin"),
     nats_url: str = NATS_URL,
     wait: float = typer.Option(10.0, help="seconds to wait for the outcome (0: don't wait)"),
 ) -> None:
-    """Send a command and print its outcome from CC_RESULTS."""
-    body = Path(command[1:]).read_bytes() if command.startswith("@") else command.encode()
-    result = asyncio.run(_send(nats_url, aggregate, body, wait))
+    """Send a command and print its outcome from CC_RESULTS.
+
+    The command is checked here before it is sent, by the rules the daemon applies: JSON, with
+    command_type, key and data. A file is sent only when named with @ (a bare path is taken for
+    JSON text and refused). Exit status: 0 accepted (or sent, with --wait 0), 1 rejected, 2 not
+    sent, 3 no outcome within --wait seconds.
+    """
+    try:
+        check_token(aggregate, "aggregate")
+    except InvalidName as exc:
+        fail(str(exc))
+    body = _command_body(command)
+    try:
+        parse_command(body)
+    except BadMessage as exc:
+        fail(f"not sent: {exc}")
+    result = run(_send(nats_url, aggregate, body, wait))
     typer.echo(json.dumps(result))
     if result.get("status") == "rejected":
         raise typer.Exit(1)
+    if result.get("status") == "pending":
+        raise typer.Exit(3)
+
+
+def _command_body(command: str) -> bytes:
+    """The command's bytes, from the text itself, a file (@FILE) or stdin (-), checked to be JSON."""
+    if command == "-":
+        body, source = sys.stdin.buffer.read(), "the command read from stdin"
+    elif command.startswith("@"):
+        path = Path(command[1:])
+        try:
+            body, source = path.read_bytes(), str(path)
+        except FileNotFoundError:
+            fail(f"no such file: {path}")
+        except OSError as exc:
+            fail(f"cannot read {path}: {exc.strerror or exc}")
+    else:
+        body, source = command.encode(), "the command"
+    try:
+        json.loads(body)
+    except ValueError as exc:
+        if source == "the command" and Path(command).is_file():
+            fail(f"{command} is a file, and a command is given as JSON text: write @{command} to send the file")
+        fail(f"{source} is not JSON ({exc}); give RawCommand JSON, or @FILE to send a file")
+    return body
 
 
 async def _send(url: str, aggregate: str, body: bytes, wait: float) -> dict:
     async with nats_client(url) as nc:
-        reply = await nc.request(command_subject(aggregate), body, timeout=5)
+        try:
+            reply = await nc.request(command_subject(aggregate), body, timeout=5)
+        except NoRespondersError:
+            fail(f"nothing stores {command_subject(aggregate)}: has a daemon ever run against this server?")
         ack = json.loads(reply.data)
         if "error" in ack or wait <= 0:
             return ack
-        kv = await nc.jetstream().key_value(RESULTS_BUCKET)
-        watcher = await kv.watch(str(ack["seq"]))
-        try:
-            async with asyncio.timeout(wait):
-                async for entry in watcher:
-                    if entry is not None and entry.value:
-                        return {"seq": ack["seq"], **json.loads(entry.value)}
-        except TimeoutError:
+        outcome = await wait_for_result(nc, int(ack["seq"]), wait)
+        if outcome is None:
             return {"seq": ack["seq"], "status": "pending", "error": f"no outcome within {wait}s"}
-        finally:
-            await watcher.stop()
-        return ack
+        return {"seq": ack["seq"], **json.loads(outcome)}
+
+
+async def wait_for_result(nc: NATS, seq: int, wait: float) -> bytes | None:
+    """The stored outcome of command ``seq``, waiting up to ``wait`` seconds for it; None if none came."""
+    kv = await nc.jetstream().key_value(RESULTS_BUCKET)
+    watcher = await kv.watch(str(seq))
+    try:
+        async with asyncio.timeout(wait):
+            async for entry in watcher:
+                if entry is not None and entry.value:
+                    return bytes(entry.value)
+    except TimeoutError:
+        return None
+    finally:
+        await watcher.stop()
+    return None
 
 
 @app.command()
@@ -55,7 +109,7 @@ def status(
     nats_url: str = NATS_URL,
 ) -> None:
     """Ask every daemon that shares this NATS server how it is doing."""
-    reports = asyncio.run(_status(nats_url, wait))
+    reports = run(_status(nats_url, wait))
     if as_json:
         typer.echo(json.dumps(reports, indent=2))
         return

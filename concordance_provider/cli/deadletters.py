@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Optional
 
@@ -17,9 +16,9 @@ from ..naming import (
 )
 from ..store.deadletters import DeadLetters
 from ..store.jetstream import publish
-from .common import NATS_URL, app, fail, nats_client
+from .common import NATS_URL, App, app, fail, nats_client, run
 
-deadletters = typer.Typer(help="List, show, retry and purge dead letters (stream CC_DEADLETTER).",
+deadletters = App(help="List, show, retry and purge dead letters (stream CC_DEADLETTER).",
                           no_args_is_help=True)
 app.add_typer(deadletters, name="deadletters")
 
@@ -33,7 +32,7 @@ async def _with_store(url: str, work):  # type: ignore[no-untyped-def]
 def deadletters_list(consumer: Optional[str] = typer.Option(None, help="only this consumer's"),
                      nats_url: str = NATS_URL) -> None:
     """One line per dead letter: sequence, consumer, original subject, deliveries, reason."""
-    letters = asyncio.run(_with_store(nats_url, lambda nc, store: store.list(consumer)))
+    letters = run(_with_store(nats_url, lambda nc, store: store.list(consumer)))
     for letter in letters:
         typer.echo(f"{letter.seq}\t{letter.consumer}\t{letter.subject}\t{letter.deliveries}\t{letter.reason}")
     typer.echo(f"{len(letters)} dead letter(s)", err=True)
@@ -42,7 +41,7 @@ def deadletters_list(consumer: Optional[str] = typer.Option(None, help="only thi
 @deadletters.command("show")
 def deadletters_show(seq: int, nats_url: str = NATS_URL) -> None:
     """The whole dead letter as JSON, with its body decoded when it is text."""
-    letter = asyncio.run(_with_store(nats_url, lambda nc, store: store.get(seq)))
+    letter = run(_with_store(nats_url, lambda nc, store: store.get(seq)))
     if letter is None:
         fail(f"no dead letter {seq}")
     shown = letter.model_dump()
@@ -77,7 +76,7 @@ def deadletters_retry(seq: int, nats_url: str = NATS_URL) -> None:
         return subject, new_seq
 
     try:
-        subject, new_seq = asyncio.run(_with_store(nats_url, work))
+        subject, new_seq = run(_with_store(nats_url, work))
     except RetryRefused as exc:
         fail(str(exc))
     typer.echo(f"dead letter {seq} sent again on {subject} as {new_seq}")
@@ -95,7 +94,7 @@ def deadletters_purge(consumer: Optional[str] = typer.Option(None, help="only th
     async def work(nc, store):  # type: ignore[no-untyped-def]
         return await nc.jetstream().purge_stream(DEADLETTER_STREAM, subject=subject)
 
-    asyncio.run(_with_store(nats_url, work))
+    run(_with_store(nats_url, work))
     typer.echo("purged")
 
 

@@ -12,7 +12,7 @@ import typer
 from ..deploy import DeployError, build_and_push, find_host, link, place, watch
 from ..logging import configure
 from ..manifest import ManifestError, load_manifest
-from .common import NATS_URL, app, fail, nats_client
+from .common import NATS_URL, app, fail, nats_client, run
 
 
 @app.command()
@@ -40,7 +40,7 @@ def deploy(
         insecure = registry.split(":", 1)[0] in ("127.0.0.1", "localhost", "[::1]")
     try:
         placements = build_and_push(app_manifest, build_dir or manifest.parent / "build", registry, insecure, lattice)
-        asyncio.run(_deploy(nats_url, host_id, lattice, provider_id, placements, watch_hosts))
+        run(_deploy(nats_url, host_id, lattice, provider_id, placements, watch_hosts))
     except DeployError as exc:
         fail(str(exc))
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
@@ -24,7 +23,7 @@ from ..maintenance import (
 )
 from ..manifest import ManifestError, load_manifest
 from ..runtime.wasmtime_host import ComponentLoadError
-from .common import NATS_URL, app, fail, nats_client
+from .common import NATS_URL, app, fail, nats_client, run
 
 
 @app.command()
@@ -38,7 +37,7 @@ def rebuild(
     try:
         app_manifest = load_manifest(manifest)
         targets = parse_target(target, app_manifest)
-        count = asyncio.run(_rebuild(nats_url, targets))
+        count = run(_rebuild(nats_url, targets))
     except (ManifestError, MaintenanceError, ComponentLoadError) as exc:
         fail(str(exc))
     typer.echo(f"rebuilt the state of {count} instance(s)")
@@ -81,7 +80,7 @@ def replay(
     if since is not None and since.tzinfo is None:
         since = since.replace(tzinfo=timezone.utc)
     try:
-        asyncio.run(_replay(nats_url, spec.interest, ReplayStart(from_seq, since), wait))
+        run(_replay(nats_url, spec.interest, ReplayStart(from_seq, since), wait))
     except MaintenanceError as exc:
         fail(str(exc))
 
