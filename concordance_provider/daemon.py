@@ -18,6 +18,7 @@ import structlog
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
+from . import metrics
 from .config import NatsOptions
 from .health import Health
 from .health import serve as serve_health
@@ -130,6 +131,7 @@ class Daemon:
     nc: NATS | None = None
     js: JetStreamContext | None = None
     _stores: _Stores | None = None
+    _status: StatusReporter | None = None
 
     @property
     def application(self) -> str:
@@ -138,9 +140,11 @@ class Daemon:
     async def _connect(self) -> tuple[NATS, JetStreamContext]:
         async def on_disconnect() -> None:
             if not self.stopping.is_set():
+                metrics.NATS_DISCONNECTS.inc()
                 log.warning("disconnected from NATS; reconnecting")
 
         async def on_reconnect() -> None:
+            metrics.NATS_RECONNECTS.inc()
             log.info("reconnected to NATS")
 
         async def on_error(exc: Exception) -> None:
@@ -150,19 +154,26 @@ class Daemon:
                              reconnected_cb=on_reconnect, error_cb=on_error)
 
     async def run(self) -> None:
-        endpoint = await serve_health(self.health, self.health_port) if self.health_port else None
+        endpoint = await serve_health(self.health, self.health_port, self._metrics) if self.health_port else None
         try:
             await self._run()
         finally:
             if endpoint is not None:
                 endpoint.close()
 
+    async def _metrics(self) -> tuple[str, bytes]:
+        status = self._status
+        connected = self.nc is not None and self.nc.is_connected
+        body = await metrics.exposition(lambda: (self.health.report(), connected),
+                                        status.report if status is not None else None)
+        return metrics.CONTENT_TYPE, body
+
     async def _run(self) -> None:
         initial = list(self.manifest.components) if self.manifest else []
         # Load in-process components before connecting: a broken file fails the start at once.
         loaded = await asyncio.gather(*(load_component(s, self.cache_dir) for s in initial if s.path))
         nc, js = self.nc, self.js = await self._connect()
-        self._stores = _Stores(EventLog(nc), StateStore(nc), ResultStore(js), DeadLetters(nc))
+        self._stores = _Stores(EventLog(nc), StateStore(nc), ResultStore(js, self._aggregate_names), DeadLetters(nc))
         self.health.nc = nc
         self.health.stuck = self.stuck_consumers
         probe = asyncio.create_task(self.health.probe(self.stopping))
@@ -173,7 +184,8 @@ class Daemon:
             for spec in initial:
                 await self.link(spec, next(preloaded) if spec.path else None)
             await router.start()
-            status = StatusReporter(nc, js, self.health, self.application, lambda: list(self.links.values()))
+            status = self._status = StatusReporter(nc, js, self.health, self.application,
+                                                   lambda: list(self.links.values()))
             await status.start()
             if self.on_connected is not None:
                 await self.on_connected(self)
@@ -229,6 +241,8 @@ class Daemon:
                 task.add_done_callback(self._loop_ended)
                 linked.tasks.append(task)
             self.links[spec.name] = linked
+            metrics.linked(spec.interest.name if spec.interest.role is Role.AGGREGATE else None,
+                           [loop.spec.durable for loop in linked.loops])
             if spec.interest.role is Role.AGGREGATE:
                 self._aggregate_names.add(spec.interest.name)
                 self._aggregate_streams.add(str(spec.interest.stream))

@@ -2,7 +2,8 @@
 
 Unhealthy while the NATS connection is down, JetStream has not answered its latest probe, or a
 consumer has spent longer on one batch than `--stuck-after` allows (stuck).
-Served on loopback HTTP (``--health-port``): ``GET /health`` gives 200 or 503 with a JSON body.
+Served on loopback HTTP (``--health-port``): ``GET /health`` gives 200 or 503 with a JSON body;
+``GET /metrics`` the Prometheus metrics (``metrics.py``).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import asyncio
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Awaitable, Callable
 
 import structlog
 from nats.aio.client import Client as NATS
@@ -61,20 +62,26 @@ class Health:
                 pass
 
 
-async def serve(health: Health, port: int) -> asyncio.Server:
-    """A minimal loopback HTTP endpoint: no dependency, one route."""
+async def serve(health: Health, port: int,
+                metrics: Callable[[], Awaitable[tuple[str, bytes]]] | None = None) -> asyncio.Server:
+    """A minimal loopback HTTP endpoint: ``/health``, and ``/metrics`` when ``metrics`` gives
+    (content type, body)."""
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             request = await asyncio.wait_for(reader.readline(), 5)
-            path = request.split(b" ")[1] if request.count(b" ") >= 2 else b""
+            path = request.split(b" ")[1].split(b"?")[0] if request.count(b" ") >= 2 else b""
+            content_type = "application/json"
             if path == b"/health":
                 report = health.report()
                 status = "200 OK" if report["healthy"] else "503 Service Unavailable"
                 body = json.dumps(report).encode()
+            elif path == b"/metrics" and metrics is not None:
+                status = "200 OK"
+                content_type, body = await metrics()
             else:
-                status, body = "404 Not Found", b'{"error": "try /health"}'
-            writer.write(f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\n"
+                status, body = "404 Not Found", b'{"error": "try /health or /metrics"}'
+            writer.write(f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
                          f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
             await writer.drain()
         except (asyncio.TimeoutError, ConnectionError):
@@ -83,5 +90,5 @@ async def serve(health: Health, port: int) -> asyncio.Server:
             writer.close()
 
     server = await asyncio.start_server(answer, "127.0.0.1", port)
-    log.info("health endpoint", url=f"http://127.0.0.1:{port}/health")
+    log.info("health endpoint", url=f"http://127.0.0.1:{port}/health", metrics=f"http://127.0.0.1:{port}/metrics")
     return server

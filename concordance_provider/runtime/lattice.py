@@ -116,7 +116,7 @@ class LatticeComponent:
         self.name = name
         self.subject = subject
         self.role = role
-        self.stats = CallStats()
+        self.stats = CallStats(component=name)
         self._nc = nc
         self._timeout_ms = call_timeout_ms
 
@@ -141,7 +141,7 @@ class LatticeComponent:
             raise
         finally:
             if call != "ping":
-                self.stats.record(started, error)
+                self.stats.record(started, error, call)
 
     async def _request(self, request: CallRequest) -> CallReply:
         try:

@@ -1,4 +1,5 @@
-"""What a component's calls cost and how they failed, recently: for status reports."""
+"""What a component's calls cost and how they failed: recently, for status reports, and in
+total, as Prometheus metrics per component and function."""
 
 from __future__ import annotations
 
@@ -8,20 +9,27 @@ from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
+from ..metrics import observe_call
+
 RECENT_CALLS = 512
 RECENT_ERRORS = 10
 
 
 @dataclass
 class CallStats:
+    component: str = ""
     calls: int = 0
     failures: int = 0
     durations: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_CALLS))
     errors: deque[dict[str, str]] = field(default_factory=lambda: deque(maxlen=RECENT_ERRORS))
 
-    def record(self, started: float, error: Exception | None = None) -> None:
+    def record(self, started: float, error: Exception | None = None, function: str = "call") -> None:
+        """One call of ``function`` (the interface's name, e.g. ``handle-command``) that began at
+        ``started`` (``time.perf_counter()``) and failed with ``error``, if given."""
+        elapsed = time.perf_counter() - started
+        observe_call(self.component, function, elapsed, failed=error is not None)
         self.calls += 1
-        self.durations.append(time.perf_counter() - started)
+        self.durations.append(elapsed)
         if error is not None:
             self.failures += 1
             self.errors.append({"time": datetime.now(timezone.utc).isoformat(), "error": str(error)})

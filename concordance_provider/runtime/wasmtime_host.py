@@ -128,7 +128,7 @@ class WasmtimeComponent:
         self._funcs: dict[str, Any] = {}
         self._effects: HandlerEffects | None = None
         self._log = log.bind(component=name)
-        self.stats = CallStats()
+        self.stats = CallStats(component=name)
 
     # -- loading -------------------------------------------------------------------------------
 
@@ -257,7 +257,7 @@ class WasmtimeComponent:
                 raise
             finally:
                 self._effects = None
-                self.stats.record(started, error)
+                self.stats.record(started, error, export)
 
         return await asyncio.get_running_loop().run_in_executor(self._executor, call)
 

@@ -17,6 +17,7 @@ from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 from pydantic import BaseModel, Field
 
 from ..failpoints import fail_point
+from ..metrics import DEAD_LETTERS
 from ..naming import DEADLETTER_PREFIX, DEADLETTER_STREAM
 from .jetstream import StoredMessage, publish, read_all
 
@@ -67,8 +68,10 @@ class DeadLetters:
         fail_point("deadletter.before_store")
         # one dead letter per message, even if storing is retried after a lost ack
         msg_id = f"dl:{letter.stream}:{letter.stream_seq}:{letter.consumer}"
-        return await publish(self._nc, f"{DEADLETTER_PREFIX}.{letter.consumer}",
-                             letter.model_dump_json(exclude={"seq"}).encode(), {"Nats-Msg-Id": msg_id})
+        seq = await publish(self._nc, f"{DEADLETTER_PREFIX}.{letter.consumer}",
+                            letter.model_dump_json(exclude={"seq"}).encode(), {"Nats-Msg-Id": msg_id})
+        DEAD_LETTERS.labels(letter.consumer).inc()
+        return seq
 
     async def list(self, consumer: str | None = None) -> list[DeadLetter]:
         subject = f"{DEADLETTER_PREFIX}.{consumer}" if consumer else f"{DEADLETTER_PREFIX}.>"
