@@ -128,5 +128,7 @@ async def test_commands_held_by_a_crashed_daemon_come_before_later_commands_of_t
                     causes = [int(m.headers[CAUSATION].split(":")[1]) for m in log]
                     assert causes == [creates[account], *deposits[account]], (account, causes)
             finally:
+                recovery.cancel()  # still watching if the test failed early
+                await asyncio.gather(recovery, return_exceptions=True)
                 for process in successors:
                     process.stop()
