@@ -1,19 +1,28 @@
-"""End-to-end command throughput of Concordance, against raw JetStream publishing on the same box.
+"""End-to-end command throughput and latency of Concordance, against raw JetStream and pyeventsourcing.
 
 What it measures, in one run against its own loopback nats-server and daemon:
 
 * raw:   JetStream publishes with request/ack into a plain file stream (BENCH_RAW) -- the
          ceiling any command path through JetStream can reach on this machine;
 * e2e:   deposit commands spread over many accounts, timed from the first send until every
-         command's outcome is in KV CC_RESULTS (all must be accepted, balances must add up);
-* 1 key: deposits on a single account, where the daemon must handle them one after another.
+         command's outcome is in KV CC_RESULTS (all must be accepted, balances must add up),
+         while the projector's lag behind the event log is sampled;
+* 1 key: deposits on a single account, where the daemon must handle them one after another;
+* in flight: commands/s with 1 to 64 clients that each wait for their command's outcome;
+* low load: one command at a time, from the send until its outcome is in CC_RESULTS;
+* 80 %:  open-loop arrivals at 0.8 x the e2e rate over many accounts, for a bounded time;
+* history: one at a time on an account with a long history against a fresh one.
+
+The peer is pyeventsourcing with its SQLite recorder on a file (benchmarks/peer.py), on the same
+deposits with the same concurrency, measured in the same run on the same machine. Then every
+target is printed with its measured value, and a PNG plot is written.
 
 Absolute rates depend on the machine and whatever else runs on it, so the figures to quote are
-the ratios e2e / raw: both sides are measured minutes apart, on the same server, with the same
-client concurrency and message size, so most of the noise cancels.
+the ratios within one run: e2e / raw and daemon / pyeventsourcing.
 
 Run: ``.venv/bin/python -m benchmarks.bench [--commands N --keys K ...]`` from the project root.
-Exits non-zero if any command is lost, rejected or late, or a balance is wrong.
+Exits non-zero if any command is lost, rejected or late, or a balance is wrong; a target that is
+not met is reported, and the exit status is still 0.
 """
 
 from __future__ import annotations
@@ -21,15 +30,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import signal
+import os
+import platform
+import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from importlib.metadata import version
 from pathlib import Path
-from typing import Awaitable, Callable, Iterable, Iterator
 
 import nats
 from nats.aio.client import Client as NATS
@@ -38,29 +49,40 @@ from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 from nats.js.api import StorageType, StreamConfig
 from nats.js.errors import KeyNotFoundError, NotFoundError
-from nats.js.kv import KeyValue
 
-from concordance_provider.logging import configure as configure_logging
-from concordance_provider.naming import (
-    COMMANDS_STREAM,
-    RESULTS_BUCKET,
-    STATE_BUCKET,
-    aggregate_state_key,
-    command_subject,
+from benchmarks import load, peer, plot, targets
+from benchmarks.wire import (  # noqa: F401  (re-exported: benchmarks.lattice imports them from here)
+    AGGREGATE,
+    MANIFEST,
+    PUBLISH_TIMEOUT,
+    ROOT,
+    INITIAL_BALANCE,
+    BenchFailed,
+    Outcomes,
+    check_balances,
+    create_account,
+    deposit,
+    deposit_plan,
+    expected_balances,
+    poll_until,
+    publish_all,
+    start_daemon,
+    stop_daemon,
+    tail,
 )
+from concordance_provider.logging import configure as configure_logging
+from concordance_provider.naming import COMMANDS_STREAM, RESULTS_BUCKET, STATE_BUCKET, command_subject
 from concordance_provider.nats_server import EmbeddedNatsServer, free_port
 
-ROOT = Path(__file__).resolve().parent.parent
-MANIFEST = Path("examples/bankaccount/app.yaml")
-AGGREGATE = "bankaccount"
 RAW_STREAM, RAW_SUBJECT = "BENCH_RAW", "bench.raw"
-INITIAL_BALANCE = 1000
-PUBLISH_TIMEOUT = 10.0  # seconds for one JetStream ack
-POLL_SECONDS = 0.25
+DEFAULT_PLOT = ROOT / "benchmarks" / "results" / "bench.png"
+CATCH_UP_BOUND = 60.0  # seconds the projector is given to be current after the last command
+STARTED = time.monotonic()
 
 
-class BenchFailed(Exception):
-    """The system under test lost, rejected or delayed work, or got a balance wrong."""
+def progress(what: str) -> None:
+    """A line on stderr as each phase starts, so a slow machine shows where the time goes."""
+    print(f"bench [{time.monotonic() - STARTED:4.0f}s] {what}", file=sys.stderr, flush=True)
 
 
 @dataclass(frozen=True)
@@ -73,6 +95,13 @@ class Options:
     ready_timeout: float
     phase_timeout: float
     overall_timeout: float
+    round_trips: int = 200
+    in_flight: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+    in_flight_commands: int = 240
+    load_seconds: float = 10.0
+    history_events: int = 5000
+    history_rounds: int = 40
+    plot_path: Path = DEFAULT_PLOT
 
 
 @dataclass(frozen=True)
@@ -87,141 +116,37 @@ class Measurement:
         return self.count / self.total_seconds
 
 
-# -- processes -------------------------------------------------------------------------------------
+@dataclass
+class Side:
+    """One system's figures: the daemon's or pyeventsourcing's."""
 
-def start_daemon(nats_url: str, log_path: Path) -> subprocess.Popen[bytes]:
-    command = [sys.executable, "-m", "concordance_provider.cli", "up", str(MANIFEST),
-               "--nats-url", nats_url, "--log-level", "warning"]
-    with log_path.open("wb") as log_file:
-        return subprocess.Popen(command, cwd=ROOT, stdin=subprocess.DEVNULL,
-                                stdout=log_file, stderr=subprocess.STDOUT)
-
-
-def stop_daemon(process: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
-    """SIGTERM by PID, wait, and kill if it does not stop in time."""
-    if process.poll() is not None:
-        return
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        print(f"daemon {process.pid} ignored SIGTERM for {timeout:.0f}s; killing it", file=sys.stderr)
-        process.kill()
-        process.wait(10)
-    if process.returncode != 0:
-        print(f"daemon {process.pid} exited with {process.returncode} after SIGTERM", file=sys.stderr)
+    name: str
+    multi: float = 0.0  # commands/s over many keys
+    single: float = 0.0  # commands/s on one key
+    in_flight: dict[int, float] = field(default_factory=dict)  # commands/s by clients waiting for outcomes
+    low_load: list[float] = field(default_factory=list)  # seconds per command, one at a time
+    fresh: list[float] = field(default_factory=list)  # one at a time on a fresh key
+    history: list[float] = field(default_factory=list)  # one at a time on a key with a long history
+    notes: list[str] = field(default_factory=list)
 
 
-def tail(path: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
+@dataclass
+class DaemonExtras:
+    raw: Measurement
+    multi: Measurement
+    single: Measurement
+    ready_s: float
+    loaded: load.LoadRun  # open loop at a fraction of multi's rate
+    lag_behind: int  # most events the projector trailed the log by during multi
+    catch_up_s: float | None  # from multi's last outcome until the projector was current
+    history_seed_s: float
+
+    @property
+    def loaded_rate(self) -> float:
+        return targets.LOAD_FRACTION * self.multi.rate
 
 
-# -- messages --------------------------------------------------------------------------------------
-
-def command_body(command_type: str, key: str, data: dict) -> bytes:
-    return json.dumps({"command_type": command_type, "key": key, "data": data}).encode()
-
-
-def create_account(key: str) -> bytes:
-    return command_body("create_account", key, {
-        "accountNumber": key, "initialBalance": INITIAL_BALANCE, "minBalance": 0, "customerId": "bench",
-    })
-
-
-def deposit(key: str, amount: int, note: str) -> bytes:
-    return command_body("deposit_funds", key, {
-        "accountNumber": key, "amount": amount, "customerId": "bench", "note": note,
-    })
-
-
-def deposit_plan(keys: list[str], count: int) -> list[tuple[str, int]]:
-    """``count`` deposits round-robin over ``keys``, with varied amounts."""
-    return [(keys[i % len(keys)], 1 + i % 97) for i in range(count)]
-
-
-def expected_balances(plan: Iterable[tuple[str, int]], keys: Iterable[str]) -> dict[str, int]:
-    balances = {key: INITIAL_BALANCE for key in keys}
-    for key, amount in plan:
-        balances[key] += amount
-    return balances
-
-
-# -- sending ---------------------------------------------------------------------------------------
-
-async def publish_all(js: JetStreamContext, subject: str, bodies: list[bytes], concurrency: int) -> list[int]:
-    """Publish with request/ack, ``concurrency`` in flight; returns the stream sequences."""
-    seqs: list[int] = [0] * len(bodies)
-    todo: Iterator[int] = iter(range(len(bodies)))
-
-    async def worker() -> None:
-        for index in todo:  # a shared iterator: each index goes to exactly one worker
-            ack = await js.publish(subject, bodies[index], timeout=PUBLISH_TIMEOUT)
-            seqs[index] = ack.seq
-
-    await asyncio.gather(*(worker() for _ in range(min(concurrency, len(bodies)))))
-    return seqs
-
-
-class Outcomes:
-    """Every command outcome written to CC_RESULTS while it runs, by command sequence."""
-
-    def __init__(self, kv: KeyValue) -> None:
-        self._kv = kv
-        self.status: dict[int, str] = {}
-        self.errors: dict[int, str] = {}
-        self._changed = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._watcher: KeyValue.KeyWatcher | None = None
-
-    async def start(self) -> None:
-        self._watcher = await self._kv.watchall(ignore_deletes=True)
-        self._task = asyncio.create_task(self._collect(self._watcher))
-
-    async def _collect(self, watcher: KeyValue.KeyWatcher) -> None:
-        async for entry in watcher:
-            if entry is None or not entry.value:
-                continue  # None marks the end of the initial values
-            result = json.loads(entry.value)
-            seq = int(entry.key)
-            self.status[seq] = result.get("status", "?")
-            if result.get("error"):
-                self.errors[seq] = result["error"]
-            self._changed.set()
-
-    async def wait_for(self, seqs: Iterable[int], timeout: float) -> None:
-        """Until every sequence has an outcome; raises BenchFailed after ``timeout`` seconds."""
-        wanted = set(seqs)
-        deadline = time.monotonic() + timeout
-        while not wanted <= self.status.keys():
-            left = deadline - time.monotonic()
-            if left <= 0:
-                missing = len(wanted - self.status.keys())
-                raise BenchFailed(f"{missing} of {len(wanted)} commands have no outcome after {timeout:.0f}s")
-            if self._task is not None and self._task.done():
-                raise BenchFailed(f"the CC_RESULTS watch ended: {self._task.exception()!r}")
-            self._changed.clear()
-            try:
-                await asyncio.wait_for(self._changed.wait(), min(left, 1.0))
-            except asyncio.TimeoutError:
-                pass
-
-    def check_accepted(self, seqs: Iterable[int], what: str) -> None:
-        rejected = [seq for seq in seqs if self.status.get(seq) != "accepted"]
-        if rejected:
-            first = rejected[0]
-            raise BenchFailed(f"{len(rejected)} {what} not accepted; e.g. command {first}: "
-                              f"{self.status.get(first)} {self.errors.get(first, '')}".rstrip())
-
-    async def stop(self) -> None:
-        if self._watcher is not None:
-            await self._watcher.stop()
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-
+# -- the daemon ------------------------------------------------------------------------------------
 
 async def run_commands(js: JetStreamContext, outcomes: Outcomes, bodies: list[bytes],
                        opts: Options, what: str) -> tuple[list[int], float, float]:
@@ -233,20 +158,6 @@ async def run_commands(js: JetStreamContext, outcomes: Outcomes, bodies: list[by
     done = time.perf_counter()
     outcomes.check_accepted(seqs, what)
     return seqs, sent - start, done - start
-
-
-# -- readiness and checks ---------------------------------------------------------------------------
-
-async def poll_until(check: Callable[[], Awaitable[bool]], timeout: float, what: str,
-                     daemon: subprocess.Popen[bytes] | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if daemon is not None and daemon.poll() is not None:
-            raise BenchFailed(f"the daemon exited with {daemon.returncode} while waiting for {what}")
-        if await check():
-            return
-        await asyncio.sleep(POLL_SECONDS)
-    raise BenchFailed(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 async def wait_until_ready(js: JetStreamContext, daemon: subprocess.Popen[bytes], opts: Options,
@@ -283,38 +194,6 @@ async def wait_until_ready(js: JetStreamContext, daemon: subprocess.Popen[bytes]
     return time.perf_counter() - start
 
 
-async def read_balances(states: KeyValue, keys: Iterable[str]) -> dict[str, int | None]:
-    balances: dict[str, int | None] = {}
-    for key in keys:
-        try:
-            entry = await states.get(aggregate_state_key(AGGREGATE, key))
-            balances[key] = json.loads(entry.value or b"null")["balance"]
-        except (KeyNotFoundError, TypeError, KeyError, ValueError):
-            balances[key] = None
-    return balances
-
-
-async def check_balances(js: JetStreamContext, expected: dict[str, int], timeout: float) -> None:
-    """Stored state must show every deposit; a short grace period allows a lagging state write."""
-    states = await js.key_value(STATE_BUCKET)
-    wrong: dict[str, tuple[int | None, int]] = {}
-
-    async def all_right() -> bool:
-        actual = await read_balances(states, expected)
-        wrong.clear()
-        wrong.update({k: (actual[k], v) for k, v in expected.items() if actual[k] != v})
-        return not wrong
-
-    try:
-        await poll_until(all_right, timeout, "balances")
-    except BenchFailed:
-        sample = ", ".join(f"{k}: {got} != {want}" for k, (got, want) in list(wrong.items())[:5])
-        raise BenchFailed(f"{len(wrong)} of {len(expected)} balances are wrong after every command "
-                          f"was accepted (got != expected): {sample}") from None
-
-
-# -- phases ----------------------------------------------------------------------------------------
-
 async def measure_raw(js: JetStreamContext, opts: Options, body_size: int) -> Measurement:
     await js.add_stream(StreamConfig(name=RAW_STREAM, subjects=[RAW_SUBJECT], storage=StorageType.FILE))
     body = b"x" * body_size  # the size of a deposit command, so both sides move the same bytes
@@ -339,62 +218,257 @@ async def measure_deposits(js: JetStreamContext, outcomes: Outcomes, opts: Optio
     return Measurement(label, count, send_s, total_s)
 
 
+async def open_accounts(js: JetStreamContext, outcomes: Outcomes, opts: Options, keys: list[str]) -> None:
+    await run_commands(js, outcomes, [create_account(k) for k in keys], opts, "account creations")
+
+
+async def daemon_throughput(js: JetStreamContext, outcomes: Outcomes, lag: load.ProjectorLag, opts: Options,
+                            tag: str, side: Side) -> tuple[Measurement, Measurement, Measurement, int, float | None]:
+    """Raw publish, then deposits over many keys (projector lag sampled) and on one key, then by
+    commands in flight; returns raw, multi, single, events behind at most, seconds to catch up."""
+    multi_keys = [f"acct-{tag}-{i}" for i in range(opts.keys)]
+    progress("raw JetStream publish")
+    raw = await measure_raw(js, opts, len(deposit(multi_keys[0], 50, f"bench {opts.commands}")))
+    await lag.start(opts.ready_timeout)
+    progress(f"daemon: {opts.commands} deposits over {opts.keys} keys")
+    started = time.perf_counter()
+    multi = await measure_deposits(js, outcomes, opts, multi_keys, opts.commands, f"e2e deposits, {opts.keys} keys")
+    last_outcome = max(outcomes.seen_at.values())
+    catch_up_s = await lag.catch_up(last_outcome, CATCH_UP_BOUND)
+    await lag.stop()
+    progress(f"daemon: {opts.single_key_commands} deposits on 1 key")
+    single = await measure_deposits(js, outcomes, opts, [f"single-{tag}"], opts.single_key_commands,
+                                    "e2e deposits, 1 key")
+    side.multi, side.single = multi.rate, single.rate
+    progress(f"daemon: commands in flight {', '.join(map(str, opts.in_flight))}")
+    for level in opts.in_flight:
+        keys = [f"flight{level}-{tag}-{i}" for i in range(opts.keys)]
+        await open_accounts(js, outcomes, opts, keys)
+        run = await load.closed_loop(js, outcomes, deposit_plan(keys, opts.in_flight_commands), level,
+                                     opts.phase_timeout, f"{level} in flight")
+        side.in_flight[level] = run.rate
+    return raw, multi, single, lag.max_behind(started, last_outcome), catch_up_s
+
+
+async def daemon_latency(js: JetStreamContext, outcomes: Outcomes, opts: Options, tag: str, side: Side,
+                         capacity: float) -> load.LoadRun:
+    """One command at a time; then open-loop arrivals at a fraction of ``capacity``, returned."""
+    progress(f"daemon: {opts.round_trips} commands one at a time")
+    await open_accounts(js, outcomes, opts, [f"low-{tag}"])
+    side.low_load = await load.one_at_a_time(js, outcomes, f"low-{tag}", opts.round_trips, opts.phase_timeout,
+                                             "low load")
+    keys = [f"loaded-{tag}-{i}" for i in range(opts.keys)]
+    await open_accounts(js, outcomes, opts, keys)
+    progress(f"daemon: open loop at {targets.LOAD_FRACTION:.0%} of {capacity:.0f}/s for {opts.load_seconds:.0f}s")
+    return await load.open_loop(js, outcomes, keys, targets.LOAD_FRACTION * capacity, opts.load_seconds,
+                                opts.phase_timeout, "open loop")
+
+
+async def daemon_history(js: JetStreamContext, outcomes: Outcomes, lag: load.ProjectorLag, opts: Options,
+                         tag: str, side: Side) -> float:
+    """One key given ``opts.history_events`` deposits, then one at a time on it and on a fresh key,
+    alternating so both see the same noise; returns the seconds the history took to build."""
+    history_key, fresh_key = f"history-{tag}", f"fresh-{tag}"
+    await open_accounts(js, outcomes, opts, [history_key, fresh_key])
+    progress(f"daemon: {opts.history_events} deposits of history on one key, then {opts.history_rounds} rounds")
+    started = time.perf_counter()
+    await run_commands(js, outcomes, [deposit(history_key, 1, f"history {n}") for n in range(opts.history_events)],
+                       opts, "history deposits")
+    seed_s = time.perf_counter() - started
+    await lag.catch_up(time.perf_counter(), CATCH_UP_BOUND)  # the projector's backlog off the CPU first
+    for n in range(opts.history_rounds):
+        side.fresh += await load.one_at_a_time(js, outcomes, fresh_key, 1, opts.phase_timeout, f"fresh {n}")
+        side.history += await load.one_at_a_time(js, outcomes, history_key, 1, opts.phase_timeout, f"history {n}")
+    return seed_s
+
+
+async def daemon_phases(js: JetStreamContext, daemon: subprocess.Popen[bytes], opts: Options,
+                        tag: str) -> tuple[Side, DaemonExtras]:
+    side = Side(plot.DAEMON)
+    ready_s = await wait_until_ready(js, daemon, opts, tag)
+    outcomes = Outcomes(await js.key_value(RESULTS_BUCKET))
+    lag = load.ProjectorLag(js)
+    await outcomes.start()
+    try:
+        raw, multi, single, lag_behind, catch_up_s = await daemon_throughput(js, outcomes, lag, opts, tag, side)
+        loaded = await daemon_latency(js, outcomes, opts, tag, side, multi.rate)
+        history_seed_s = await daemon_history(js, outcomes, lag, opts, tag, side)
+    finally:
+        await lag.stop()
+        await outcomes.stop()
+    if outcomes.read_directly:
+        side.notes.append(f"{outcomes.read_directly} outcomes were read directly after the CC_RESULTS watch fell "
+                          f"{Outcomes.QUIET_SECONDS:.0f}s behind; their times include that wait")
+    if daemon.poll() is not None:
+        raise BenchFailed(f"the daemon exited with {daemon.returncode} during the run")
+    return side, DaemonExtras(raw, multi, single, ready_s, loaded, lag_behind, catch_up_s, history_seed_s)
+
+
+# -- pyeventsourcing -------------------------------------------------------------------------------
+
+def peer_phases(db_path: Path, opts: Options, tag: str) -> Side:
+    """The same deposits on pyeventsourcing, with ``opts.concurrency`` threads serving them."""
+    side = Side(plot.PEER)
+    progress("pyeventsourcing: the same phases")
+    bank = peer.open_bank(db_path)
+    try:
+        def fresh_accounts(keys: list[str]) -> list[str]:
+            for key in keys:
+                bank.open_account(key, INITIAL_BALANCE)
+            return keys
+
+        keys = fresh_accounts([f"acct-{tag}-{i}" for i in range(opts.keys)])
+        plan = deposit_plan(keys, opts.commands)
+        multi = peer.run_deposits(bank, plan, opts.concurrency, opts.phase_timeout)
+        wrong = [k for k, v in expected_balances(plan, keys).items() if bank.balance(k) != v]
+        if wrong:
+            raise BenchFailed(f"pyeventsourcing: {len(wrong)} balances wrong, e.g. {wrong[0]}")
+        single_key = fresh_accounts([f"single-{tag}"])
+        single = peer.run_deposits(bank, deposit_plan(single_key, opts.single_key_commands), opts.concurrency,
+                                   opts.phase_timeout)
+        side.multi, side.single = multi.rate, single.rate
+        side.notes.append(f"races lost and retried: {multi.conflicts} over {opts.keys} keys, "
+                          f"{single.conflicts} on 1 key")
+
+        side.low_load = peer.round_trips(bank, fresh_accounts([f"low-{tag}"])[0], opts.round_trips)
+        for level in opts.in_flight:
+            keys = fresh_accounts([f"flight{level}-{tag}-{i}" for i in range(opts.keys)])
+            side.in_flight[level] = peer.run_deposits(bank, deposit_plan(keys, opts.in_flight_commands), level,
+                                                      opts.phase_timeout).rate
+
+        history_key, fresh_key = fresh_accounts([f"history-{tag}", f"fresh-{tag}"])
+        peer.seed_history(bank, history_key, opts.history_events)
+        for _ in range(opts.history_rounds):
+            side.fresh += peer.round_trips(bank, fresh_key, 1)
+            side.history += peer.round_trips(bank, history_key, 1)
+        side.notes.append(f"database {peer.database_size(db_path) / 1e6:.1f} MB")
+    finally:
+        bank.close()
+    return side
+
+
 # -- report ----------------------------------------------------------------------------------------
 
-def report(raw: Measurement, multi: Measurement, single: Measurement, opts: Options, ready_s: float) -> str:
-    rows = [raw, multi, single]
+def ms(latencies: list[float], q: float) -> float:
+    ordered = sorted(latencies)
+    return ordered[min(int(len(ordered) * q), len(ordered) - 1)] * 1000
+
+
+def machine() -> str:
+    return (f"{os.cpu_count()} cores, Python {platform.python_version()}, eventsourcing {version('eventsourcing')}, "
+            f"SQLite {sqlite3.sqlite_version}, {platform.system()} {platform.machine()}")
+
+
+def report(opts: Options, daemon: Side, peer_side: Side, x: DaemonExtras) -> str:
+    raw = x.raw
     lines = [
-        f"concordance bench: concurrency {opts.concurrency}, daemon ready in {ready_s:.1f}s",
+        f"concordance bench: {machine()}; concurrency {opts.concurrency}, daemon ready in {x.ready_s:.1f}s",
         f"{'phase':<28}{'count':>7}{'sent (s)':>10}{'done (s)':>10}{'per s':>9}{'vs raw':>8}",
     ]
-    for row in rows:
+    for row in (raw, x.multi, x.single):
         lines.append(f"{row.label:<28}{row.count:>7}{row.send_seconds:>10.2f}{row.total_seconds:>10.2f}"
                      f"{row.rate:>9.0f}{row.rate / raw.rate:>8.3f}")
     lines.append(
-        f"bench: e2e {multi.rate:.0f} commands/s ({opts.keys} keys), {single.rate:.0f} commands/s (1 key), "
-        f"raw JetStream publish {raw.rate:.0f} msgs/s -> ratio {multi.rate / raw.rate:.3f} "
-        f"(1 key {single.rate / raw.rate:.3f})"
-    )
+        f"bench: e2e {x.multi.rate:.0f} commands/s ({opts.keys} keys), {x.single.rate:.0f} commands/s (1 key), "
+        f"raw JetStream publish {raw.rate:.0f} msgs/s -> ratio {x.multi.rate / raw.rate:.3f} "
+        f"(1 key {x.single.rate / raw.rate:.3f})")
+
+    lines += ["", f"against pyeventsourcing (SQLite file, {opts.concurrency} threads; a lost race is retried):",
+              f"{'':<26}{f'{opts.keys} keys/s':>12}{'vs raw':>8}{'1 key/s':>10}{'vs raw':>8}"]
+    for side in (daemon, peer_side):
+        lines.append(f"{side.name:<26}{side.multi:>12.0f}{side.multi / raw.rate:>8.3f}"
+                     f"{side.single:>10.0f}{side.single / raw.rate:>8.3f}")
+    lines.append(f"{'daemon / pyeventsourcing':<26}{daemon.multi / peer_side.multi:>11.2f}x{'':>8}"
+                 f"{daemon.single / peer_side.single:>9.2f}x")
+    lines += [f"  {side.name}: {note}" for side in (daemon, peer_side) for note in side.notes]
+
+    levels = list(opts.in_flight)
+    lines += ["", f"commands/s by commands in flight ({opts.in_flight_commands} deposits over {opts.keys} fresh "
+                  "accounts; each client waits for its outcome):",
+              f"{'in flight':<26}" + "".join(f"{n:>7}" for n in levels)]
+    for side in (daemon, peer_side):
+        lines.append(f"{side.name:<26}" + "".join(f"{side.in_flight[n]:>7.0f}" for n in levels))
+
+    lines += ["", f"one command at a time ({opts.round_trips} deposits), ms p50 / p90 / p99:"]
+    for side in (daemon, peer_side):
+        lines.append(f"  {side.name:<26}{ms(side.low_load, .5):>7.1f}{ms(side.low_load, .9):>7.1f}"
+                     f"{ms(side.low_load, .99):>7.1f}")
+    loaded = x.loaded
+    lines += ["", f"daemon at {targets.LOAD_FRACTION:.0%} of capacity: {x.loaded_rate:.0f} commands/s arriving "
+                  f"(open loop) for {opts.load_seconds:.0f}s over {opts.keys} accounts, {loaded.count} commands: p50 "
+                  f"{ms(loaded.latencies, .5):.1f} ms, p99 {ms(loaded.latencies, .99):.1f} ms, "
+                  f"done at {loaded.rate:.0f}/s"]
+
+    estimate = targets.HISTORY_EVENTS * x.history_seed_s / opts.history_events / 60
+    lines += ["", f"cost with history: {opts.history_events} earlier events on one account against a fresh one, "
+                  f"{opts.history_rounds} commands each, alternating ({opts.history_events} took "
+                  f"{x.history_seed_s:.0f}s to build through the daemon, so {targets.HISTORY_EVENTS} would take "
+                  f"about {estimate:.0f} min):"]
+    for side in (daemon, peer_side):
+        lines.append(f"  {side.name:<26}p50 fresh {ms(side.fresh, .5):.1f} ms, with history "
+                     f"{ms(side.history, .5):.1f} ms (x{ms(side.history, .5) / ms(side.fresh, .5):.2f})")
+
+    lag_seconds = x.lag_behind / x.multi.rate
+    catch_up = "not within %.0fs" % CATCH_UP_BOUND if x.catch_up_s is None else f"{x.catch_up_s:.2f}s"
+    lines += ["", f"projector during the {opts.keys}-key run: at most {x.lag_behind} events behind the log "
+                  f"({lag_seconds:.2f}s of traffic at {x.multi.rate:.0f} events/s); current {catch_up} after "
+                  "the last command's outcome"]
+
+    flat = ms(daemon.history, .5) / ms(daemon.fresh, .5)
+    found = [
+        targets.at_least(f"over {opts.keys} keys: daemon / pyeventsourcing", daemon.multi / peer_side.multi,
+                         targets.MULTI_KEY_RATIO),
+        targets.at_least("on 1 key: daemon / pyeventsourcing (1-key figure)", daemon.single / peer_side.single,
+                         targets.SINGLE_KEY_RATIO),
+        targets.at_most("one command at low load: p50", ms(daemon.low_load, .5), targets.LOW_LOAD_P50_MS, " ms"),
+        targets.at_most(f"at {targets.LOAD_FRACTION:.0%} of capacity ({x.loaded_rate:.0f}/s): p99",
+                        ms(loaded.latencies, .99), targets.LOADED_P99_MS, " ms"),
+        targets.at_most(f"{opts.history_events} earlier events: p50 / fresh p50", flat, targets.FLAT_WITH_HISTORY,
+                        "x", 2),
+        targets.at_most("projector lag during the run", lag_seconds, targets.LAG_SECONDS, " s of traffic", 2),
+        targets.at_most("projector current after the last command", x.catch_up_s, targets.LAG_SECONDS, " s", 2),
+    ]
+    lines += ["", targets.table(found)]
     return "\n".join(lines)
 
 
 # -- main ------------------------------------------------------------------------------------------
 
-async def benchmark(nats_url: str, daemon: subprocess.Popen[bytes], opts: Options) -> str:
+async def benchmark(nats_url: str, daemon: subprocess.Popen[bytes], opts: Options, workdir: Path) -> str:
     tag = uuid.uuid4().hex[:8]  # keys unique to this run
     nc: NATS = await nats.connect(nats_url, max_reconnect_attempts=3, connect_timeout=5)
     try:
-        js = nc.jetstream()
-        ready_s = await wait_until_ready(js, daemon, opts, tag)
-        outcomes = Outcomes(await js.key_value(RESULTS_BUCKET))
-        await outcomes.start()
-        try:
-            multi_keys = [f"acct-{tag}-{i}" for i in range(opts.keys)]
-            body_size = len(deposit(multi_keys[0], 50, f"bench {opts.commands}"))
-            raw = await measure_raw(js, opts, body_size)
-            multi = await measure_deposits(js, outcomes, opts, multi_keys, opts.commands,
-                                           f"e2e deposits, {opts.keys} keys")
-            single = await measure_deposits(js, outcomes, opts, [f"single-{tag}"],
-                                            opts.single_key_commands, "e2e deposits, 1 key")
-        finally:
-            await outcomes.stop()
-        if daemon.poll() is not None:
-            raise BenchFailed(f"the daemon exited with {daemon.returncode} during the run")
-        return report(raw, multi, single, opts, ready_s)
+        daemon_side, extras = await daemon_phases(nc.jetstream(), daemon, opts, tag)
     finally:
-        await nc.close()
+        try:
+            await asyncio.wait_for(nc.close(), 10.0)
+        except asyncio.TimeoutError:
+            pass
+    # the daemon is stopped first, so that pyeventsourcing (synchronous, on its own threads) has the
+    # machine as the daemon had it
+    await asyncio.to_thread(stop_daemon, daemon)
+    peer_side = await asyncio.to_thread(peer_phases, workdir / "peer" / "bank.sqlite", opts, tag)
+    text = report(opts, daemon_side, peer_side, extras)
+    caption = (f"{machine()}; one run, daemon / pyeventsourcing: {daemon_side.multi / peer_side.multi:.2f}x "
+               f"over {opts.keys} keys ({opts.concurrency} in flight), "
+               f"{daemon_side.single / peer_side.single:.2f}x on 1 key")
+    path = plot.write(opts.plot_path, {s.name: s.in_flight for s in (daemon_side, peer_side)},
+                      {s.name: s.low_load for s in (daemon_side, peer_side)}, caption)
+    return f"{text}\n\nplot: {path}"
 
 
 def run(opts: Options) -> int:
     with tempfile.TemporaryDirectory(prefix="concordance-bench-") as tmp:
         workdir = Path(tmp)
+        (workdir / "peer").mkdir()
         server = EmbeddedNatsServer(workdir / "nats", free_port(), name="concordance-bench")
         daemon_log = workdir / "daemon.log"
         try:
             server.start()
             daemon = start_daemon(server.url, daemon_log)
             try:
-                print(asyncio.run(asyncio.wait_for(benchmark(server.url, daemon, opts), opts.overall_timeout)))
+                print(asyncio.run(asyncio.wait_for(benchmark(server.url, daemon, opts, workdir),
+                                                   opts.overall_timeout)))
                 return 0
             except (BenchFailed, asyncio.TimeoutError, nats.errors.Error) as exc:
                 reason = str(exc) or f"overall timeout of {opts.overall_timeout:.0f}s"
@@ -413,18 +487,36 @@ def parse_args(argv: list[str] | None = None) -> Options:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--raw-messages", type=int, default=20000, help="messages for the raw baseline")
     parser.add_argument("--commands", type=int, default=2000, help="deposits over --keys accounts")
-    parser.add_argument("--keys", type=int, default=50, help="accounts for the multi-key run")
+    parser.add_argument("--keys", type=int, default=50, help="accounts for the multi-key runs")
     parser.add_argument("--single-key-commands", type=int, default=300, help="deposits on one account")
-    parser.add_argument("--concurrency", type=int, default=32, help="publishes in flight")
+    parser.add_argument("--concurrency", type=int, default=32, help="publishes (and peer threads) in flight")
+    parser.add_argument("--round-trips", type=int, default=200, help="commands one at a time at low load")
+    parser.add_argument("--in-flight", type=str, default="1,2,4,8,16,32,64", help="levels for the plot")
+    parser.add_argument("--in-flight-commands", type=int, default=240, help="deposits per level")
+    parser.add_argument("--load-seconds", type=float, default=10.0, help="length of the 80%% open-loop run")
+    parser.add_argument("--history-events", type=int, default=5000, help="earlier events on the history key")
+    parser.add_argument("--history-rounds", type=int, default=40, help="commands each on fresh and history keys")
+    parser.add_argument("--plot", type=Path, default=DEFAULT_PLOT, help="where the PNG goes")
     parser.add_argument("--ready-timeout", type=float, default=120.0, help="seconds for the daemon to start")
     parser.add_argument("--phase-timeout", type=float, default=240.0, help="seconds for one phase's outcomes")
-    parser.add_argument("--timeout", type=float, default=600.0, help="seconds for the whole run")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds for the whole run")
     args = parser.parse_args(argv)
-    for name in ("raw_messages", "commands", "keys", "single_key_commands", "concurrency"):
+    for name in ("raw_messages", "commands", "keys", "single_key_commands", "concurrency", "round_trips",
+                 "in_flight_commands", "history_events", "history_rounds"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    return Options(args.raw_messages, args.commands, args.keys, args.single_key_commands,
-                   args.concurrency, args.ready_timeout, args.phase_timeout, args.timeout)
+    try:
+        levels = tuple(sorted({int(n) for n in args.in_flight.split(",")}))
+    except ValueError:
+        parser.error("--in-flight takes comma-separated whole numbers")
+    if not levels or levels[0] < 1:
+        parser.error("--in-flight levels must be at least 1")
+    if args.load_seconds <= 0:
+        parser.error("--load-seconds must be positive")
+    return Options(args.raw_messages, args.commands, args.keys, args.single_key_commands, args.concurrency,
+                   args.ready_timeout, args.phase_timeout, args.timeout, args.round_trips, levels,
+                   args.in_flight_commands, args.load_seconds, args.history_events, args.history_rounds,
+                   args.plot)
 
 
 def main(argv: list[str] | None = None) -> int:
