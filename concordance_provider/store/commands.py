@@ -8,16 +8,19 @@ stored, apart from those fetched with it, which its worker decides first.
 
 from __future__ import annotations
 
+import asyncio
 import json
-from typing import Iterable
+import time
+from typing import Iterable, Sequence
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from ..naming import COMMANDS_STREAM, command_subject
-from .jetstream import StoredMessage, direct_get_batch
+from .jetstream import StoredMessage, direct_get, direct_get_batch
 
 PAGE_MARGIN = 32  # room for commands held elsewhere, so one request usually reads them all
+FIRST_LOOK_SECONDS = 0.005  # how soon a held-back command first looks whether its turn came
 
 
 def command_key(data: bytes) -> str | None:
@@ -30,8 +33,9 @@ def command_key(data: bytes) -> str | None:
     return key if isinstance(key, str) else None
 
 
-def must_wait(batch: Iterable[tuple[int, str | None]], stored: Iterable[tuple[int, str | None]]) -> set[int]:
-    """The sequences of the batch's commands that may not be decided yet.
+def must_wait(batch: Iterable[tuple[int, str | None]],
+              stored: Iterable[tuple[int, str | None]]) -> dict[int, tuple[int, ...]]:
+    """The batch's commands that may not be decided yet, each with the earlier commands it waits for.
 
     ``batch`` and ``stored`` are (stream sequence, key) pairs: the fetched commands, and the
     commands of the same aggregate still stored below the batch's last one. A command waits when
@@ -40,11 +44,16 @@ def must_wait(batch: Iterable[tuple[int, str | None]], stored: Iterable[tuple[in
     """
     batch = list(batch)
     fetched = {seq for seq, _ in batch}
-    first_elsewhere: dict[str, int] = {}
+    elsewhere: dict[str, list[int]] = {}
     for seq, key in stored:
-        if key is not None and seq not in fetched and seq < first_elsewhere.get(key, seq + 1):
-            first_elsewhere[key] = seq
-    return {seq for seq, key in batch if key is not None and first_elsewhere.get(key, seq) < seq}
+        if key is not None and seq not in fetched:
+            elsewhere.setdefault(key, []).append(seq)
+    waiting = {}
+    for seq, key in batch:
+        earlier = tuple(s for s in elsewhere.get(key, ()) if s < seq) if key is not None else ()
+        if earlier:
+            waiting[seq] = earlier
+    return waiting
 
 
 def _more_after(page: list[StoredMessage], size: int) -> bool:
@@ -61,6 +70,7 @@ class CommandQueue:
 
     def __init__(self, aggregate: str) -> None:
         self._subject = command_subject(aggregate)
+        self._nc: NATS | None = None
 
     async def unfinished(self, nc: NATS, below_seq: int, page: int = 256) -> list[tuple[int, str | None]]:
         """(sequence, key) of each of the aggregate's commands still stored below ``below_seq``.
@@ -80,12 +90,31 @@ class CommandQueue:
                 return found
             start = messages[-1].seq + 1
 
-    async def must_wait(self, batch: list[Msg]) -> set[int]:
-        """The sequences of the fetched commands that must wait for an earlier one of their key."""
+    async def must_wait(self, batch: list[Msg]) -> dict[int, tuple[int, ...]]:
+        """The fetched commands that must wait, each with the earlier ones of its key it waits for."""
         fetched = [(msg.metadata.sequence.stream, command_key(msg.data)) for msg in batch]
         if not any(key is not None for _, key in fetched):
-            return set()
+            return {}
         last = max(seq for seq, _ in fetched)
-        nc = batch[0]._client  # the connection the batch came on (its acks go there too)
-        stored = await self.unfinished(nc, last, page=len(batch) + PAGE_MARGIN)
+        self._nc = batch[0]._client  # the connection the batch came on (its acks go there too)
+        stored = await self.unfinished(self._nc, last, page=len(batch) + PAGE_MARGIN)
         return must_wait(fetched, stored)
+
+    async def finished(self, seqs: Sequence[int], within: float) -> bool:
+        """Whether the commands ``seqs`` leave the queue within ``within`` seconds.
+
+        Another daemon deciding an earlier command of a key usually finishes in milliseconds:
+        waiting for it here, instead of handing the later command back, keeps one key's commands
+        flowing when several daemons share them.
+        """
+        deadline = time.monotonic() + within
+        pending = list(seqs)
+        pause = FIRST_LOOK_SECONDS
+        while True:
+            pending = [s for s in pending if await direct_get(self._nc, COMMANDS_STREAM, seq=s) is not None]
+            if not pending:
+                return True
+            if time.monotonic() + pause > deadline:
+                return False
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.05)

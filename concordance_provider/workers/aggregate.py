@@ -66,7 +66,8 @@ class AggregateWorker:
 
     async def dispatch_commands(self, batch: list[Msg], stopping: asyncio.Event) -> None:
         await dispatch_by_key(batch, _command_key, lambda m: self._settle_command(m, self.on_command),
-                              stopping, must_wait=self._command_order.must_wait)
+                              stopping, must_wait=self._command_order.must_wait,
+                              finished=self._command_order.finished)
 
     async def dispatch_events(self, batch: list[Msg], stopping: asyncio.Event) -> None:
         await dispatch_by_key(batch, lambda m: m.subject.rsplit(".", 1)[-1],

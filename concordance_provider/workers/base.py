@@ -13,7 +13,7 @@ import time
 from collections import defaultdict
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable, Collection, Hashable
+from typing import Any, AsyncIterator, Awaitable, Callable, Collection, Hashable, Mapping, Sequence
 
 import structlog
 from nats.aio.msg import Msg
@@ -36,6 +36,7 @@ log = structlog.get_logger(__name__)
 BACKOFF_SECONDS = (1, 2, 5, 10, 30, 60)
 OUTAGE_BACKOFF_SECONDS = 5.0  # a component host that comes back is used within seconds
 ORDER_WAIT_SECONDS = 0.5  # a message waiting for an earlier one of its key looks again this soon
+ORDER_HOLD_SECONDS = 0.25  # how long a message waits in place for an earlier one held elsewhere
 
 
 class Retry(Exception):
@@ -278,6 +279,7 @@ async def dispatch_in_order(batch: list[Msg], handle: Callable[[Msg], Awaitable[
 async def dispatch_by_key(
     batch: list[Msg], key_of: Callable[[Msg], Hashable | None], handle: Callable[[Msg], Awaitable[bool]],
     stopping: asyncio.Event, must_wait: Callable[[list[Msg]], Awaitable[Collection[int]]] | None = None,
+    finished: Callable[[Sequence[int], float], Awaitable[bool]] | None = None,
 ) -> None:
     """Handle messages of different keys concurrently and of one key in order; on shutdown,
     messages not yet started go back to the server. A message whose key is None is alone.
@@ -285,7 +287,9 @@ async def dispatch_by_key(
     With ``must_wait``, one key's messages are kept in order across batches and daemons too:
     it names the stream sequences of the batch that must wait for an earlier message of their
     key held elsewhere, and after a message that is not settled the rest of its key wait as
-    well. A waiting message goes back to the server for ``ORDER_WAIT_SECONDS``, undecided.
+    well. A waiting message goes back to the server for ``ORDER_WAIT_SECONDS``, undecided,
+    unless ``finished`` sees the earlier messages it waits for (``must_wait`` maps each waiting
+    sequence to them) settled within ``ORDER_HOLD_SECONDS``: then it is decided at once.
     """
     waiting: Collection[int] = ()
     if must_wait is not None:
@@ -308,7 +312,8 @@ async def dispatch_by_key(
         for msg in msgs:
             if stopping.is_set():
                 await hand_back(msg)
-            elif blocked or msg.metadata.sequence.stream in waiting:
+            elif blocked or (msg.metadata.sequence.stream in waiting
+                             and not await _turn_came(msg.metadata.sequence.stream, waiting, finished)):
                 log.debug("waiting for an earlier message of its key", subject=msg.subject,
                           stream_seq=msg.metadata.sequence.stream)
                 await hand_back(msg, ORDER_WAIT_SECONDS)
@@ -318,3 +323,15 @@ async def dispatch_by_key(
                 blocked = must_wait is not None and not settled
 
     await asyncio.gather(*(in_order(msgs) for msgs in groups.values()))
+
+
+async def _turn_came(seq: int, waiting: Collection[int],
+                     finished: Callable[[Sequence[int], float], Awaitable[bool]] | None) -> bool:
+    """Whether the earlier messages ``seq`` waits for are settled within ``ORDER_HOLD_SECONDS``."""
+    earlier = waiting.get(seq) if isinstance(waiting, Mapping) else None
+    if finished is None or not earlier:
+        return False
+    try:
+        return await finished(earlier, ORDER_HOLD_SECONDS)
+    except Exception:  # noqa: BLE001 - unknown: wait the safe way, by handing it back
+        return False

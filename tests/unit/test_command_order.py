@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from concordance_provider.store.commands import CommandQueue, command_key, must_wait
-from concordance_provider.workers.base import ORDER_WAIT_SECONDS, dispatch_by_key
+from concordance_provider.workers.base import ORDER_HOLD_SECONDS, ORDER_WAIT_SECONDS, dispatch_by_key
 
 
 # -- the key of a command body ----------------------------------------------------------------
@@ -32,34 +32,34 @@ def test_a_command_key_is_its_string_key_field_or_none(body: bytes, key: str | N
 
 def test_nothing_waits_when_only_the_batch_is_stored() -> None:
     batch = [(3, "A"), (4, "B"), (5, "A")]
-    assert must_wait(batch, batch) == set()
+    assert set(must_wait(batch, batch)) == set()
 
 
 def test_an_earlier_command_stored_elsewhere_holds_back_its_key_only() -> None:
     batch = [(21, "A"), (22, "B"), (41, "A")]
     stored = [(1, "A"), (21, "A"), (22, "B"), (41, "A")]
-    assert must_wait(batch, stored) == {21, 41}
+    assert set(must_wait(batch, stored)) == {21, 41}
 
 
 def test_only_commands_after_the_one_held_elsewhere_wait() -> None:
     batch = [(5, "A"), (9, "A")]
     stored = [(5, "A"), (7, "A"), (9, "A")]
-    assert must_wait(batch, stored) == {9}
+    assert set(must_wait(batch, stored)) == {9}
 
 
 def test_a_later_command_stored_elsewhere_holds_back_nothing() -> None:
-    assert must_wait([(5, "A")], [(5, "A"), (8, "A")]) == set()
+    assert set(must_wait([(5, "A")], [(5, "A"), (8, "A")])) == set()
 
 
 def test_a_command_without_a_key_neither_waits_nor_holds_back() -> None:
     batch = [(4, None), (6, "A")]
     stored = [(1, None), (2, "B"), (4, None), (6, "A")]
-    assert must_wait(batch, stored) == set()
+    assert set(must_wait(batch, stored)) == set()
 
 
 def test_finished_commands_are_not_stored_and_hold_back_nothing() -> None:
     # 1 and 2 of key A were acked: the queue no longer has them
-    assert must_wait([(3, "A")], [(3, "A")]) == set()
+    assert set(must_wait([(3, "A")], [(3, "A")])) == set()
 
 
 # -- dispatch ------------------------------------------------------------------------------------
@@ -161,4 +161,48 @@ def test_on_shutdown_every_command_goes_back_at_once() -> None:
 
 def test_a_batch_without_keys_asks_the_server_nothing() -> None:
     batch = [FakeMsg(1, None), FakeMsg(2, None)]  # no connection: a request would fail
-    assert asyncio.run(CommandQueue("bankaccount").must_wait(batch)) == set()  # type: ignore[arg-type]
+    assert not asyncio.run(CommandQueue("bankaccount").must_wait(batch))  # type: ignore[arg-type]
+
+
+# -- waiting in place for another daemon -----------------------------------------------------------
+
+def hold(batch: list[FakeMsg], waiting: dict[int, tuple[int, ...]], settles: set[int]) -> tuple[list[int], list]:
+    """Dispatch with ``finished``: the earlier commands in ``settles`` leave the queue meanwhile."""
+    handled: list[int] = []
+    asked: list = []
+
+    async def handle(msg: FakeMsg) -> bool:
+        handled.append(msg.seq)
+        return True
+
+    async def order(msgs: list[FakeMsg]) -> dict[int, tuple[int, ...]]:
+        return waiting
+
+    async def finished(seqs, within: float) -> bool:
+        asked.append((tuple(seqs), within))
+        return set(seqs) <= settles
+
+    asyncio.run(dispatch_by_key(batch, lambda m: m.key, handle, asyncio.Event(),  # type: ignore[arg-type]
+                                must_wait=order, finished=finished))
+    return handled, asked
+
+
+def test_a_command_whose_earlier_one_is_settled_elsewhere_meanwhile_is_decided_at_once() -> None:
+    batch = [FakeMsg(21, "A"), FakeMsg(22, "B"), FakeMsg(41, "A")]
+    handled, asked = hold(batch, {21: (20,), 41: (20, 30)}, settles={20, 30})
+    assert sorted(handled) == [21, 22, 41] and handled.index(21) < handled.index(41)
+    assert all(msg.naks == [] for msg in batch)
+    assert ((20,), ORDER_HOLD_SECONDS) in asked
+
+
+def test_a_command_whose_earlier_one_stays_unsettled_goes_back_with_the_rest_of_its_key() -> None:
+    batch = [FakeMsg(21, "A"), FakeMsg(22, "B"), FakeMsg(41, "A")]
+    handled, _ = hold(batch, {21: (20,)}, settles=set())
+    assert handled == [22]
+    assert batch[0].naks == batch[2].naks == [ORDER_WAIT_SECONDS]
+
+
+def test_waiting_in_place_needs_every_earlier_command_settled() -> None:
+    batch = [FakeMsg(41, "A")]
+    handled, _ = hold(batch, {41: (20, 30)}, settles={20})
+    assert handled == [] and batch[0].naks == [ORDER_WAIT_SECONDS]
