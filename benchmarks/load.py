@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
@@ -110,14 +110,14 @@ class LagSample:
         return max(self.last_event - self.applied, 0)
 
 
-@dataclass
 class ProjectorLag:
     """Samples the projector's checkpoint against the event log every ``LAG_SAMPLE_SECONDS``."""
 
-    js: JetStreamContext
-    samples: list[LagSample] = field(default_factory=list)
-    _kv: KeyValue | None = None
-    _task: asyncio.Task[None] | None = None
+    def __init__(self, js: JetStreamContext) -> None:
+        self.js = js
+        self.samples: list[LagSample] = []
+        self._kv: KeyValue | None = None
+        self._task: asyncio.Task[None] | None = None
 
     async def start(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -160,9 +160,14 @@ class ProjectorLag:
     async def catch_up(self, since: float, timeout: float) -> float | None:
         """Seconds from ``since`` (perf_counter) until the checkpoint reaches the log's last event as of
         now; None if that takes longer than ``timeout``."""
-        target = (await self.sample()).last_event
+        target: int | None = None
         while time.perf_counter() - since < timeout:
-            if (await self.sample()).applied >= target:
+            try:
+                sample = await self.sample()
+            except NatsTimeout:
+                continue  # a slow answer under load: ask again
+            target = sample.last_event if target is None else target
+            if sample.applied >= target:
                 return time.perf_counter() - since
             await asyncio.sleep(LAG_SAMPLE_SECONDS / 5)
         return None
