@@ -1,23 +1,26 @@
 """The event log in JetStream, CC_EVENTS: the engine's ``EventLog`` (see ``engine.persistence``).
 
 An instance's messages are those on ``cc.events.*.{stream}.{key}``; an append is guarded by the
-last of them (``Nats-Expected-Last-Subject-Sequence`` with that filter) and is one atomic batch.
-Reads go a page at a time with batched direct gets, so no read holds a whole history in memory.
+last of them (``Nats-Expected-Last-Subject-Sequence`` with that filter). One event is one plain
+publish with the guard; several are one atomic batch (about ten times the server's work per
+commit). Reads go a page at a time with batched direct gets, so no read holds a whole history.
 """
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import AsyncIterator, Sequence
 
 import structlog
 from nats.aio.client import Client as NATS
 
-from ..engine.mapper import CAUSATION, EventMessage, LoggedEvent, from_message, to_message
+from ..engine.mapper import CAUSATION, MESSAGE_ID, EventMessage, LoggedEvent, from_message, to_message
 from ..engine.persistence import AlreadyAppended, AppendConflict, EventTooLarge
 from ..naming import EVENTS_STREAM, instance_filter, parse_event_subject, stream_filter
 from ..wire import BadMessage, CloudEvent
 from .jetstream import (
+    WRONG_LAST_SEQUENCE,
     JetStreamError,
     PayloadTooLarge,
     StoredMessage,
@@ -33,6 +36,7 @@ log = structlog.get_logger(__name__)
 __all__ = ["CAUSATION", "EventLog", "LoggedEvent"]
 
 PAGE_SIZE = 256  # messages per direct-get batch
+PUBLISH_TIMEOUT = 5.0  # seconds for the stream's ack
 DUPLICATE_IN_BATCH = 10201  # an atomic batch carries a message id the stream already holds
 
 
@@ -99,6 +103,8 @@ class EventLog:
             "Nats-Expected-Last-Subject-Sequence": str(expected_last_seq),
             "Nats-Expected-Last-Subject-Sequence-Subject": instance_filter(stream, key),
         }
+        if len(messages) == 1:
+            return [await self._publish_guarded(messages[0], guard)]
         try:
             return await publish_atomic(self._nc, [(m.subject, m.data, m.headers) for m in messages], guard)
         except WrongLastSequence as exc:
@@ -109,6 +115,23 @@ class EventLog:
             if exc.code == DUPLICATE_IN_BATCH:
                 raise AlreadyAppended(str(exc)) from None
             raise
+
+    async def _publish_guarded(self, message: EventMessage, guard: dict[str, str]) -> int:
+        if len(message.data) > self._nc.max_payload:
+            raise EventTooLarge(f"{message.subject}: {len(message.data)} bytes is over the NATS maximum "
+                                f"payload of {self._nc.max_payload}")
+        reply = await self._nc.request(message.subject, message.data, headers={**message.headers, **guard},
+                                       timeout=PUBLISH_TIMEOUT)
+        ack = json.loads(reply.data)
+        error = ack.get("error")
+        if error:
+            code, description = int(error.get("err_code", 0)), str(error.get("description", "unknown error"))
+            if code == WRONG_LAST_SEQUENCE:
+                raise AppendConflict(description)
+            raise JetStreamError(code, description)
+        if ack.get("duplicate"):  # the guard held, and the stream already has this message id
+            raise AlreadyAppended(f"{message.subject}: message id {message.headers.get(MESSAGE_ID)} is stored")
+        return int(ack["seq"])
 
     async def publish_one(self, event: CloudEvent, key: str, msg_id: str, causation: str) -> int:
         """An event reported by a gateway: not guarded, deduplicated by ``msg_id``."""
