@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 EXAMPLE := examples/bankaccount
 BUILD := $(EXAMPLE)/build
 
-.PHONY: setup run test examples bench faults clean registry
+.PHONY: setup run test examples bench faults mutation clean registry
 
 $(BIN)/concordance: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,11 @@ bench: examples registry
 
 faults: examples
 	$(BIN)/python -m faults.suite
+
+# Mutation testing of the engine core and the naming rules on the fast tests (not part of `make test`).
+mutation: setup
+	$(BIN)/mutmut run --max-children 2
+	$(BIN)/mutmut results
 
 clean:
 	rm -rf $(BUILD) .concordance

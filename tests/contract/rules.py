@@ -6,6 +6,7 @@ size, and a way to publish a message without any guard (as anyone may on ``cc.ev
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import uuid
@@ -168,6 +169,16 @@ class EventLogContract:
         later = datetime.now(timezone.utc) + timedelta(minutes=1)
         assert await backend.log.caused_by(stream, "K", "command:1", later) == []
         assert await backend.log.caused_by(stream, "other", "command:1", before) == []
+
+    async def test_causation_lookup_goes_by_each_events_own_store_time(self, backend, stream):
+        [first] = await backend.log.append(stream, "K", [message(stream, "K", causation="command:1")],
+                                           expected_last_seq=0)
+        await asyncio.sleep(0.01)
+        between = datetime.now(timezone.utc)
+        await asyncio.sleep(0.01)
+        [second] = await backend.log.append(stream, "K", [message(stream, "K", causation="command:1")],
+                                            expected_last_seq=first)
+        assert [e.seq for e in await backend.log.caused_by(stream, "K", "command:1", between)] == [second]
 
 
 class StateStoreContract:

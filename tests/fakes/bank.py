@@ -34,6 +34,7 @@ class FakeBank:
         self.before_decide: Callable[[], Awaitable[None]] | None = None  # e.g. another writer
         self.decisions = 0
         self.folds = 0
+        self.asked: list[tuple[str, str]] = []  # (aggregate, key) of each decision
 
     def _event(self, event_type: str, payload: dict, stream: str | None = None) -> Event:
         return Event(event_type, self.stream if stream is None else stream, json.dumps(payload))
@@ -45,6 +46,7 @@ class FakeBank:
     async def decide(self, aggregate: str, command_type: str, key: str, state: str | None,
                      payload: str) -> Decision:
         self.decisions += 1
+        self.asked.append((aggregate, key))
         if self.before_decide is not None:
             await self.before_decide()
         events = self._decide(command_type, json.loads(state) if state else None, json.loads(payload))

@@ -92,4 +92,5 @@ def test_any_stored_message_reads_as_a_logged_event():
         seq, subject, headers = 9, "cc.events.t.bank.A", {CAUSATION: "event:1"}
         data = to_message(to_cloud_event(Event("t", "bank", "{}"), "bank", "A"), "A", "x", "y").data
 
-    assert LoggedEvent.from_message(Stored()).causation == "event:1"
+    event = LoggedEvent.from_message(Stored())
+    assert (event.seq, event.causation) == (9, "event:1")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import datetime, timedelta, timezone
 
 import pytest
+from structlog.testing import capture_logs
 from fakes.bank import STREAM, FakeBank
 from fakes.engine import NAME, Engine, command
 
@@ -38,7 +40,10 @@ async def test_accepted_command_appends_its_events_and_saves_the_state_after_the
     events = await engine.events()
     assert [e.event_type for e in events] == ["account_opened", "funds_deposited"]
     assert events[-1].causation == deposit.causation
+    assert events[-1].cloud_event.subject == "A"
     assert await engine.state() == (105, events[-1].seq)
+    assert engine.bank.asked == [(NAME, "A"), (NAME, "A")]
+    assert engine.states.writes == 2  # one state write per command
 
 
 async def test_rejection_by_the_component_is_a_result_and_stores_nothing(engine):
@@ -145,11 +150,12 @@ async def test_a_redelivered_command_whose_events_are_stored_is_accepted_without
     decisions = engine.bank.decisions
 
     again = Command(first.raw, first.seq, True, first.stored_at)
-    result = await engine.twin().processor.process(again)
+    other = engine.twin()
+    result = await other.processor.process(again)
 
     assert result.status == "accepted" and result.events == ["funds_deposited", "funds_deposited"]
     assert len(await engine.events()) == 3  # nothing appended twice
-    assert engine.bank.decisions == decisions
+    assert other.bank.decisions == 0 and engine.bank.decisions == decisions
     assert await engine.state() == (20, 3)  # and state caught up
 
 
@@ -313,3 +319,58 @@ async def test_failpoints_sit_between_append_state_and_outcome(engine, disarm_fa
 async def test_commands_carry_their_causation():
     assert command("open", seq=12).causation == "command:12"
     assert CAUSATION == "Concordance-Causation"
+
+
+async def test_a_rejection_on_state_left_behind_stores_the_caught_up_state(engine):
+    await engine.processor.process(command("open", balance=10))
+    seq = engine.append_directly("A", "funds_deposited", "command:600", amount=5)  # then a crash
+    other = engine.twin()
+    result = await other.processor.process(command("withdraw", amount=99))
+    assert result.status == "rejected" and "15 available" in str(result.error)
+    assert await engine.state() == (15, seq)
+
+
+async def test_a_conflict_is_logged_with_the_aggregate_key_and_command(engine):
+    await engine.processor.process(command("open"))
+
+    async def someone_appends_first() -> None:
+        engine.bank.before_decide = None
+        engine.append_directly("A", "funds_deposited", "elsewhere", amount=1)
+
+    engine.bank.before_decide = someone_appends_first
+    deposit = command("deposit", amount=1)
+    with capture_logs() as logs:
+        await engine.processor.process(deposit)
+    assert {"event": "append conflict; deciding again", "aggregate": NAME, "key": "A",
+            "command_seq": deposit.seq, "log_level": "debug"} in logs
+
+
+async def test_commands_of_different_keys_are_decided_concurrently(engine):
+    await engine.processor.process(command("open", "A"))
+    await engine.processor.process(command("open", "B"))
+    release = asyncio.Event()
+
+    async def wait_for_release() -> None:
+        engine.bank.before_decide = None
+        await release.wait()
+
+    engine.bank.before_decide = wait_for_release
+    slow = asyncio.create_task(engine.processor.process(command("deposit", "A", amount=1)))
+    while engine.bank.before_decide is not None:  # A is being decided, and holds its key
+        await asyncio.sleep(0)
+    other = await asyncio.wait_for(engine.processor.process(command("deposit", "B", amount=1)), 1.0)
+    assert other.status == "accepted" and not slow.done()
+    release.set()
+    assert (await slow).status == "accepted"
+
+
+async def test_an_outage_while_saving_state_forgets_the_cached_state(engine):
+    await engine.processor.process(command("open", balance=1))
+
+    async def store_unreachable(*_args: object) -> int:
+        raise ConnectionError("no servers available")
+
+    engine.states.save = store_unreachable  # type: ignore[method-assign]
+    with pytest.raises(ConnectionError):
+        await engine.processor.process(command("deposit", amount=1))
+    assert engine.repository.cached("A") is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -75,10 +76,44 @@ async def test_the_event_consumer_catches_up_past_a_stale_cache(opened):
     assert await opened.state() == (110, seq)
 
 
-async def test_the_event_consumer_leaves_state_that_is_already_newer(opened):
-    writes = opened.states.writes
-    await opened.twin().repository.catch_up("A", 1)
-    assert opened.states.writes == writes
+@pytest.mark.parametrize("seq", [1, 2])
+async def test_the_event_consumer_leaves_state_that_is_as_new_or_newer_after_one_read(opened, seq):
+    writes, loads, reads = opened.states.writes, opened.states.loads, opened.log.last_seq_reads
+    await opened.twin().repository.catch_up("A", seq)
+    assert (opened.states.writes, opened.states.loads, opened.log.last_seq_reads) == (writes, loads + 1, reads)
+
+
+async def test_the_event_consumer_trusts_a_cached_state_that_the_store_has_not_caught_up_with(opened):
+    seq = opened.append_directly("A", "funds_deposited", "elsewhere", amount=9)  # then a crash
+    fresh = opened.twin()
+    await fresh.processor.process(command("noop"))  # folds the event in, saves nothing
+    reads = opened.log.last_seq_reads
+    await fresh.repository.catch_up("A", seq)
+    assert opened.log.last_seq_reads == reads
+    assert await opened.state() == (110, seq)
+
+
+async def test_the_event_consumer_waits_for_a_command_on_its_key(opened):
+    seq = opened.append_directly("A", "funds_deposited", "elsewhere", amount=9)  # then a crash
+    fresh = opened.twin()
+    release = asyncio.Event()
+
+    async def wait_for_release() -> None:
+        fresh.bank.before_decide = None
+        await release.wait()
+
+    fresh.bank.before_decide = wait_for_release
+    deciding = asyncio.create_task(fresh.processor.process(command("deposit", amount=1)))
+    while fresh.bank.before_decide is not None:
+        await asyncio.sleep(0)
+    catching_up = asyncio.create_task(fresh.repository.catch_up("A", seq))
+    rebuilding = asyncio.create_task(fresh.repository.rebuild("A"))
+    for _turn in range(20):
+        await asyncio.sleep(0)
+    assert not catching_up.done() and not rebuilding.done()
+    release.set()
+    await asyncio.gather(deciding, catching_up, rebuilding)
+    assert await opened.state() == (111, seq + 1)
 
 
 async def test_a_current_cache_skips_the_state_and_last_sequence_reads(opened):
@@ -87,6 +122,32 @@ async def test_a_current_cache_skips_the_state_and_last_sequence_reads(opened):
     await opened.processor.process(command("withdraw", amount=1))
     assert (opened.states.loads, opened.log.last_seq_reads) == (loads, reads)
     assert await opened.state() == (101, 4)
+
+
+async def test_a_state_read_from_the_store_is_kept_too(opened):
+    fresh = opened.twin()
+    assert (await fresh.processor.process(command("withdraw", amount=1000))).status == "rejected"
+    loads = opened.states.loads
+    await fresh.processor.process(command("deposit", amount=1))
+    assert opened.states.loads == loads
+
+
+async def test_state_as_new_as_the_log_reads_no_events(opened):
+    class CountingLog(InMemoryEventLog):
+        reads = 0
+
+        def events(self, stream, key, after_seq=0):  # type: ignore[no-untyped-def]
+            self.reads += 1
+            return super().events(stream, key, after_seq)
+
+    log = CountingLog()
+    engine = Engine(log=log, cache_size=0)
+    await engine.processor.process(command("open", balance=1))
+    await engine.processor.process(command("deposit", amount=1))
+    assert log.reads == 0
+    log.publish("cc.events.junk.bank.A", b"not an event")
+    await engine.processor.process(command("deposit", amount=1))
+    assert log.reads == 1
 
 
 async def test_without_a_cache_every_command_reads_state_and_log():
@@ -117,6 +178,22 @@ async def test_a_save_that_finds_an_older_state_written_meanwhile_writes_again(o
     await opened.processor.process(command("deposit", amount=4))
     assert await opened.state() == (105, 3)  # a client reading state after the outcome sees the deposit
     assert opened.repository.cached("A") is not None
+
+
+async def test_a_save_that_finds_the_same_state_written_meanwhile_leaves_it(opened):
+    class CaughtUpFirst(InMemoryStateStore):
+        async def save(self, key: str, value: str | None, event_seq: int, revision: int) -> int:
+            if event_seq == 3 and (await self.load(key)).event_seq < 3:  # another daemon's event consumer
+                await super().save(key, value, event_seq, (await self.load(key)).revision)
+            return await super().save(key, value, event_seq, revision)
+
+    engine = Engine(states=CaughtUpFirst())
+    await engine.processor.process(command("open", balance=1))
+    await engine.processor.process(command("deposit", amount=1))
+    writes = engine.states.writes
+    await engine.processor.process(command("deposit", amount=1))
+    assert engine.states.writes == writes + 1  # the other daemon's write, not ours again
+    assert await engine.state() == (3, 3)
 
 
 async def test_a_save_that_finds_a_newer_state_leaves_it(opened):
@@ -164,7 +241,8 @@ async def test_rebuild_of_lost_state_and_of_an_instance_without_events():
     engine.states._entries.clear()
     assert balance(await engine.twin().repository.rebuild("A")) == 5
     assert await engine.twin().repository.rebuild("nobody") is None
-    assert (await engine.states.load(aggregate_state_key(NAME, "nobody"))).revision > 0
+    nobody = await engine.states.load(aggregate_state_key(NAME, "nobody"))
+    assert nobody.revision > 0 and nobody.event_seq == 0
 
 
 async def test_rebuild_folds_again_when_a_command_lands_meanwhile(opened):
