@@ -1,19 +1,21 @@
 """Projectors and notifiers: stateless handlers with a read model and, for notifiers, a voice.
 
-Read-model writes and the handler's checkpoint are written in one atomic batch after the call
-succeeds, so an event is applied to the read model exactly once. Events a notifier publishes
-carry a message id derived from the event that caused them. Failure means redelivery.
+A fetched batch is applied in log order as one unit (``checkpointed``): each event's read-model
+writes are gathered, with reads seeing the writes of the events before it, and written with the
+handler's checkpoint in one atomic batch, so an event is applied to the read model exactly once.
+Events a notifier publishes carry a message id derived from the event that caused them, so a
+batch applied again after a crash publishes nothing twice. Failure means redelivery.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import AbstractSet
+from typing import AbstractSet, Callable
 
 import structlog
 from nats.aio.msg import Msg
 
-from ..failpoints import fail_point
+from ..engine.mapper import from_message
 from ..links import Interest, Role
 from ..naming import (
     EVENTS_STREAM,
@@ -31,23 +33,22 @@ from ..runtime import (
 )
 from ..store.deadletters import DeadLetters
 from ..store.events import EventLog
-from ..store.jetstream import PayloadTooLarge
-from ..store.readmodel import ReadModel, is_valid_key
+from ..store.filtered_log import FilteredLog
+from ..store.jetstream import PayloadTooLarge, StoredMessage
+from ..store.readmodel import MAX_KEYS_PER_GET, ReadModel
 from ..wire import BadMessage, new_event
 from .base import (
     ConsumerSpec,
+    Poison,
     Retry,
     Settler,
     consumer_for,
-    delivered_event,
-    dispatch_in_order,
     meant_for_another,
     to_component_event,
 )
+from .checkpointed import CheckpointedBatch
 
 log = structlog.get_logger(__name__)
-
-READ_TIMEOUT_SECONDS = 5.0
 
 
 def read_model_bucket(interest: Interest) -> str:
@@ -65,6 +66,7 @@ class StatelessWorker:
         self._logger = log.bind(component=component.name, handler=interest.name, role=interest.role.value)
         self._settle = Settler(interest.consumer_name, component.name, interest.max_deliveries,
                                dead_letters, self._logger)
+        self._hot_keys: list[str] = []  # the read-model keys the last batch read
 
     def consumer(self) -> ConsumerSpec:
         return self.consumer_spec(self.interest)
@@ -72,10 +74,20 @@ class StatelessWorker:
     @staticmethod
     def consumer_spec(interest: Interest) -> ConsumerSpec:
         filters = tuple(event_type_filter(t) for t in interest.event_types)
-        return consumer_for(interest, EVENTS_STREAM, interest.consumer_name, filters, max_ack_pending=1)
+        # a fetch brings a whole batch; the order across daemons is kept by the checkpoint
+        return consumer_for(interest, EVENTS_STREAM, interest.consumer_name, filters,
+                            max_ack_pending=interest.max_messages_per_batch)
 
     async def dispatch(self, batch: list[Msg], stopping: asyncio.Event) -> None:
-        await dispatch_in_order(batch, lambda m: self._settle(m, self.on_event), stopping)
+        if not batch:
+            return
+        spec = self.consumer()
+        events = FilteredLog(batch[0]._client, spec.durable, spec.filter_subjects)  # the batch's connection
+        applying = CheckpointedBatch(batch, stopping, handle=self.handle, read_model=self._read_model, log=events,
+                                     settle=self._settle, logger=self._logger, prefetch=self._hot_keys)
+        await applying.run()
+        if applying.keys_read:
+            self._hot_keys = sorted(applying.keys_read)[:MAX_KEYS_PER_GET]
 
     def _check_publish(self, key: str, event: Event) -> str | None:
         if self.interest.role is not Role.NOTIFIER:
@@ -90,19 +102,16 @@ class StatelessWorker:
             return str(exc)
         return None
 
-    async def on_event(self, msg: Msg) -> None:
+    async def handle(self, seq: int, msg: Msg | StoredMessage,
+                     read: Callable[[str], str | None]) -> dict[str, str | None]:
+        """One event (delivered, or read from the log): its read-model writes, once the events it
+        reports are published."""
         if meant_for_another(msg, self.interest.consumer_name):
-            return
-        event = delivered_event(msg)
-        logger = self._logger.bind(event_seq=event.seq, event_type=event.event_type, key=event.key)
-        applied, revision = await self._read_model.checkpoint()
-        if applied >= event.seq:
-            return
-        loop = asyncio.get_running_loop()
-
-        def read(key: str) -> str | None:
-            return asyncio.run_coroutine_threadsafe(self._read_model.get(key), loop).result(READ_TIMEOUT_SECONDS)
-
+            return {}
+        try:
+            event = from_message(seq, msg.subject, dict(msg.headers or {}), msg.data)
+        except BadMessage as exc:  # anyone may publish on an event subject
+            raise Poison(f"not a Concordance event: {exc}") from None
         effects = HandlerEffects(read=read, check_publish=self._check_publish)
         try:
             await self._component.apply_stateless_event(to_component_event(event), effects)
@@ -113,15 +122,13 @@ class StatelessWorker:
                         for key, out in effects.published]
         except BadMessage as exc:
             raise Retry(f"handler published a malformed event: {exc}") from None
-        invalid = [k for k in effects.puts if not is_valid_key(k)]
-        if invalid:
-            raise Retry(f"handler wrote read-model keys that are not valid KV keys: {invalid}")
+        refusal = self._read_model.refusal(effects.puts)
+        if refusal is not None:
+            raise Retry(refusal)
         try:
             for index, (key, cloud) in enumerate(outgoing):
                 msg_id = f"{self.interest.consumer_name}:{event.seq}:{index}"
                 await self._events.publish_one(cloud, key, msg_id, causation=f"event:{event.seq}")
-            fail_point("read_model.before_commit")
-            await self._read_model.apply(effects.puts, event.seq, revision)
         except PayloadTooLarge as exc:
             raise Retry(f"handler produced a message too large to store: {exc}") from None
-        logger.debug("event handled", writes=len(effects.puts), published=len(effects.published))
+        return effects.puts
