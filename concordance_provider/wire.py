@@ -94,3 +94,4 @@ class CommandResult(BaseModel):
     key: str | None = None
     events: list[str] = Field(default_factory=list)
     error: str | None = None
+    traceparent: str | None = None  # the command's W3C trace context, carried onto its events

@@ -17,6 +17,7 @@ from typing import Protocol
 
 from ..naming import InvalidName, check_token, event_subject, parse_event_subject, snake_case
 from ..runtime import Event
+from ..tracing import TRACEPARENT
 from ..wire import BadMessage, CloudEvent, new_event, parse_event
 
 CAUSATION = "Concordance-Causation"  # header: what produced the event, e.g. "command:42"
@@ -67,15 +68,18 @@ def to_cloud_event(event: Event, stream: str, key: str) -> CloudEvent:
     return new_event(event_type, stream, key, event.payload)
 
 
-def to_message(event: CloudEvent, key: str, causation: str, message_id: str) -> EventMessage:
+def to_message(event: CloudEvent, key: str, causation: str, message_id: str,
+               traceparent: str | None = None) -> EventMessage:
     """The stored form of ``event``: its subject, its JSON, and who caused it; BadMessage if its data
     cannot be written as JSON (a lone surrogate in a string, for one)."""
     try:
         data = event.to_json()
     except ValueError as exc:
         raise BadMessage(f"event {event.type!r} cannot be written as JSON: {exc}") from None
-    return EventMessage(event_subject(event.type, event.stream, key), data,
-                        {CAUSATION: causation, MESSAGE_ID: message_id})
+    headers = {CAUSATION: causation, MESSAGE_ID: message_id}
+    if traceparent is not None:
+        headers[TRACEPARENT] = traceparent
+    return EventMessage(event_subject(event.type, event.stream, key), data, headers)
 
 
 def from_message(seq: int, subject: str, headers: dict[str, str], data: bytes) -> LoggedEvent:

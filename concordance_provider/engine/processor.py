@@ -21,6 +21,8 @@ from datetime import datetime, timedelta, timezone
 import structlog
 
 from ..failpoints import fail_point
+from ..metrics import APPEND_CONFLICTS
+from ..tracing import child_of
 from ..runtime import Component, ComponentFailed, Decision, Event, RejectedByComponent
 from ..wire import BadMessage, CommandResult, RawCommand
 from .mapper import EventMessage, LoggedEvent, stored_form, to_cloud_event, to_component, to_message
@@ -42,6 +44,7 @@ class Command:
     seq: int  # its sequence in CC_COMMANDS: names the command in results and causation
     redelivered: bool
     stored_at: datetime  # when CC_COMMANDS stored it
+    traceparent: str | None = None  # W3C trace context: its events carry the next hop of it
 
     @property
     def causation(self) -> str:
@@ -77,12 +80,14 @@ class CommandProcessor:
                 return self._rejected(raw, str(exc))
             if not decision.events:
                 return self._accepted(raw, [])
-            messages = self._messages(key, decision.events, command.causation)
+            messages = self._messages(key, decision.events, command.causation,
+                                      child_of(command.traceparent) if command.traceparent else None)
             stored = [stored_form(message) for message in messages]
             value = await self._fold(decision, stored, current.value)
             try:
                 seqs = await repository.append(key, current, messages)
             except AppendConflict:
+                APPEND_CONFLICTS.labels(self.name).inc()
                 self._log.debug("append conflict; deciding again", key=key, command_seq=command.seq)
                 continue  # someone appended first: decide again on the newer state
             except AlreadyAppended:
@@ -95,7 +100,8 @@ class CommandProcessor:
             return self._accepted(raw, stored)
         raise ComponentFailed(f"gave up after {MAX_CONFLICT_RETRIES} concurrent-append conflicts")
 
-    def _messages(self, key: str, events: list[Event], causation: str) -> list[EventMessage]:
+    def _messages(self, key: str, events: list[Event], causation: str,
+                  traceparent: str | None) -> list[EventMessage]:
         """The component's events as stored messages, or ComponentFailed if any is unusable."""
         messages = []
         for index, event in enumerate(events):
@@ -104,7 +110,7 @@ class CommandProcessor:
                     f"aggregate {self.name!r} may only append to its stream {self.stream!r}, not {event.stream!r}")
             try:
                 cloud = to_cloud_event(event, self.stream, key)
-                messages.append(to_message(cloud, key, causation, f"{causation}:{index}"))
+                messages.append(to_message(cloud, key, causation, f"{causation}:{index}", traceparent))
             except BadMessage as exc:
                 raise ComponentFailed(f"component returned a malformed event: {exc}") from None
         return messages

@@ -23,6 +23,7 @@ from ..runtime import Component, ComponentFailed
 from ..store.commands import CommandQueue, command_key
 from ..store.deadletters import DeadLetters
 from ..store.results import ResultStore
+from ..tracing import TRACEPARENT, received, trace_id
 from ..wire import BadMessage, CommandResult, RawCommand, parse_command
 from .base import (
     ConsumerSpec,
@@ -83,11 +84,14 @@ class AggregateWorker:
             command = parse_command(msg.data)
         except BadMessage as exc:
             raise Poison(str(exc)) from None  # answered by _answer_dead_command
-        logger = logger.bind(key=command.key, command_type=command.command_type)
+        traceparent = received((msg.headers or {}).get(TRACEPARENT))
+        logger = logger.bind(key=command.key, command_type=command.command_type, trace_id=trace_id(traceparent))
         try:
-            result = await self._processor.process(Command(command, seq, meta.num_delivered > 1, meta.timestamp))
+            result = await self._processor.process(
+                Command(command, seq, meta.num_delivered > 1, meta.timestamp, traceparent))
         except ComponentFailed as exc:
             raise Retry(str(exc)) from None
+        result = result.model_copy(update={"traceparent": traceparent})
         if result.status == "rejected":
             logger.info("command rejected", error=result.error)
         else:
@@ -103,6 +107,7 @@ class AggregateWorker:
         await self._results.record(msg.metadata.sequence.stream, CommandResult(
             status="rejected", aggregate=self.interest.name, error=reason,
             command_type=command.command_type if command else None, key=command.key if command else None,
+            traceparent=received((msg.headers or {}).get(TRACEPARENT)),
         ))
 
     # -- events --------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from ..runtime import Component, ComponentFailed, OutputCommand, RejectedByCompo
 from ..store.deadletters import DeadLetters
 from ..store.jetstream import PayloadTooLarge, publish
 from ..store.state import StateStore
+from ..tracing import TRACEPARENT, child_of, trace_id
 from .base import (
     ConsumerSpec,
     Poison,
@@ -70,7 +71,9 @@ class ProcessManagerWorker:
         if meant_for_another(msg, self.interest.consumer_name):
             return
         event = delivered_event(msg)
-        logger = self._logger.bind(event_seq=event.seq, event_type=event.event_type)
+        # the commands this event causes continue its trace (a new one where it carried none)
+        traceparent = child_of((msg.headers or {}).get(TRACEPARENT))
+        logger = self._logger.bind(event_seq=event.seq, event_type=event.event_type, trace_id=trace_id(traceparent))
         data = event.cloud_event.data
         process_key = data.get(self.interest.key_field) if isinstance(data, dict) else None
         try:
@@ -93,16 +96,16 @@ class ProcessManagerWorker:
         outgoing = [_command_body(c) for c in ack.commands]  # all valid before any is sent
         try:
             for index, (aggregate, body) in enumerate(outgoing):
-                await self._send(aggregate, body, f"pm:{self.interest.name}:{event.seq}:{index}", logger)
+                await self._send(aggregate, body, f"pm:{self.interest.name}:{event.seq}:{index}", traceparent, logger)
         except PayloadTooLarge as exc:
             raise Retry(f"process manager returned a command too large to send: {exc}") from None
         fail_point("process_manager.after_publish")
         await self._states.save(state_key, ack.state, event.seq, stored.revision)
         logger.info("process advanced", commands=len(ack.commands), ended=ack.state is None)
 
-    async def _send(self, aggregate: str, body: dict, msg_id: str, logger: Any) -> None:
+    async def _send(self, aggregate: str, body: dict, msg_id: str, traceparent: str, logger: Any) -> None:
         seq = await publish(self._nc, command_subject(aggregate), json.dumps(body).encode(),
-                            {"Nats-Msg-Id": msg_id})
+                            {"Nats-Msg-Id": msg_id, TRACEPARENT: traceparent})
         logger.debug("command sent", aggregate=aggregate, command_seq=seq)
 
 
