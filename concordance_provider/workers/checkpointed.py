@@ -17,6 +17,13 @@ A failing event ends the run: the events before it are committed; a held one is 
 dead-lettered as ``Settler`` decides (a dead one moves the checkpoint past it), and the rest of the
 batch goes back to the server; one held elsewhere is its holder's to retry.
 
+Each step through the daemon's event loop waits behind everything else the daemon does, so the
+batch keeps up to ``CALL_WINDOW`` component calls under way: a call may start before the calls of
+the events before it are done, reading their writes as they stand. When an event's turn comes, the
+values it read are held against the writes of every event before it; if one differs, its call is
+made again. Its effects are then checked and published in order. (The in-process runtime makes one
+call after another on one thread, so a call always reads the finished writes before it.)
+
 A read from the component's thread costs a trip through the event loop, and a projector reads the
 same keys again and again (an account's balance): so the keys one batch read are fetched at the
 start of the next in one request, and each value read or written is remembered for the batch.
@@ -25,9 +32,10 @@ start of the next in one request, and each value read or written is remembered f
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
-from dataclasses import replace
-from typing import Any, Awaitable, Callable, Union
+from dataclasses import dataclass, field, replace
+from typing import Any, Awaitable, Callable, Protocol, Union
 
 import structlog
 from nats.aio.msg import Msg
@@ -50,11 +58,34 @@ THEIRS_FAILED_SECONDS = float(BACKOFF_SECONDS[0])  # the batch waits this long b
 # many more as another daemon is handed in turn, and then some.
 LOG_READ_FACTOR, LOG_READ_MARGIN = 3, 32
 
+CALL_WINDOW = 16  # component calls under way at once in a batch
+
 Item = Union[Msg, StoredMessage]  # an event delivered to this batch, or read from the log
 Read = Callable[[str], "str | None"]
-# Handles one event (its stream sequence, and the message with its subject, headers and body):
-# returns its read-model writes (None deletes), or raises as a Settler handler does.
-Handle = Callable[[int, Item, Read], Awaitable[dict[str, "str | None"]]]
+_UNREAD = object()
+
+
+class Handler(Protocol):
+    """Handles one event in two steps; each raises as a Settler handler does."""
+
+    async def call(self, seq: int, msg: Item, read: Read, puts: dict[str, str | None]) -> Any:
+        """The component call on the event (stream sequence ``seq``), writing to ``puts``."""
+
+    async def finish(self, called: Any) -> dict[str, str | None]:
+        """The call's writes (None deletes), once checked and what it reported published."""
+
+
+@dataclass(eq=False)
+class _Call:
+    """One event's component call, under way or done; ``before``: the calls of the events
+    before it that were under way when it started."""
+
+    item: Item
+    index: int  # in its run
+    before: tuple["_Call", ...]
+    puts: dict[str, str | None] = field(default_factory=dict)
+    seen: dict[str, str | None] = field(default_factory=dict)  # what it read, key by key
+    task: asyncio.Future[Any] | None = None
 
 
 def where(msg: Msg) -> Delivery:
@@ -85,11 +116,12 @@ def _raising(exc: BaseException) -> Callable[[Msg], Awaitable[None]]:
 
 
 class CheckpointedBatch:
-    def __init__(self, batch: list[Msg], stopping: asyncio.Event, *, handle: Handle, read_model: ReadModel,
-                 log: FilteredLog, settle: Settler, logger: Any, prefetch: list[str] = ()) -> None:
+    def __init__(self, batch: list[Msg], stopping: asyncio.Event, *, handler: Handler, read_model: ReadModel,
+                 log: FilteredLog, settle: Settler, logger: Any, prefetch: list[str] = (),
+                 previous: Delivery | None = None) -> None:
         self._messages = in_log_order(batch, where)
         self._stopping = stopping
-        self._handle = handle
+        self._handler = handler
         self._model = read_model
         self._log = log
         # the same failure counts as the worker's; a dead event moves the checkpoint past it
@@ -103,6 +135,8 @@ class CheckpointedBatch:
         self._known: dict[str, str | None] = {}
         self._known_at = -1
         self.keys_read: set[str] = set()
+        # the held event this worker last moved the checkpoint to (from its last batch, at first)
+        self.last_settled = previous
 
     async def run(self) -> None:
         try:
@@ -136,7 +170,9 @@ class CheckpointedBatch:
         log order: the held ones, and those between them read from the log (held by another
         daemon, or by none). Fewer, if the log's answer stops short (the rest is the next turn's)."""
         wheres = [where(m) for m in held]
-        if wheres[0].seq == self._checkpoint + 1 and all(map(known_adjacent, wheres, wheres[1:])):
+        before = self.last_settled if self.last_settled and self.last_settled.seq == self._checkpoint else None
+        follows = wheres[0].seq == self._checkpoint + 1 or (before is not None and known_adjacent(before, wheres[0]))
+        if follows and all(map(known_adjacent, wheres, wheres[1:])):
             return list(held)  # nothing can lie between: the log need not be asked
         after = self._checkpoint
         logged, complete_to = await self._log.events_after(after, limit=LOG_READ_FACTOR * len(held) + LOG_READ_MARGIN)
@@ -151,15 +187,48 @@ class CheckpointedBatch:
         run.update((w.seq, msg) for w, msg in zip(wheres, held) if w.seq <= last)
         return [run[seq] for seq in sorted(run)]
 
-    def _read(self, key: str, loop: asyncio.AbstractEventLoop) -> str | None:
-        """A read-model value as the event being handled sees it; called from the component's
-        thread, while the event loop waits for the call (so nothing here changes meanwhile)."""
+    def _read(self, call: _Call, key: str, loop: asyncio.AbstractEventLoop) -> str | None:
+        """A read-model value as an event's call sees it: the latest write of a call before it,
+        then the writes not committed yet, then the bucket. Called from the component's thread."""
         self.keys_read.add(key)
-        if key in self._pending:
-            return self._pending[key]
-        if key not in self._known:
-            self._known[key] = asyncio.run_coroutine_threadsafe(self._model.get(key), loop).result(READ_TIMEOUT_SECONDS)
-        return self._known[key]
+        value: Any = _UNREAD
+        for earlier in reversed(call.before):
+            if key in earlier.puts:
+                value = earlier.puts[key]
+                break
+        if value is _UNREAD:
+            pending, known = self._pending, self._known  # the loop may swap them for new ones meanwhile
+            if key in pending:
+                value = pending[key]
+            elif key in known:
+                value = known[key]
+            else:
+                value = asyncio.run_coroutine_threadsafe(self._model.get(key), loop).result(READ_TIMEOUT_SECONDS)
+                value = known.setdefault(key, value)  # unless a commit put a newer value there meanwhile
+        call.seen.setdefault(key, value)
+        return value
+
+    def _stale(self, call: _Call) -> bool:
+        """Whether the call read a value other than what the events before it wrote, now that
+        all of them are merged into the pending writes."""
+        return any(self._pending.get(key, self._known.get(key)) != value for key, value in call.seen.items())
+
+    def _start(self, item: Item, index: int, before: tuple[_Call, ...], loop: asyncio.AbstractEventLoop) -> _Call:
+        call = _Call(item, index, before)
+        call.task = asyncio.ensure_future(self._handler.call(
+            seq_of(item), item, lambda key: self._read(call, key, loop), call.puts))
+        return call
+
+    async def _result(self, call: _Call, loop: asyncio.AbstractEventLoop) -> dict[str, str | None]:
+        """The event's writes once the calls before it are merged: its call made again if it read
+        what they wrote before they were done."""
+        assert call.task is not None
+        called = await call.task
+        if self._stale(call):
+            call = self._start(call.item, call.index, (), loop)
+            assert call.task is not None
+            called = await call.task
+        return await self._handler.finish(called)
 
     async def _apply(self, run: list[Item]) -> None:
         if self._known_at != self._revision:  # another daemon committed since: what was read is stale
@@ -168,30 +237,36 @@ class CheckpointedBatch:
             self._known = await self._model.get_many(keys) if keys and len(run) >= PREFETCH_MIN_RUN else {}
             self._known_at = self._revision
         loop = asyncio.get_running_loop()
-
-        def read(key: str) -> str | None:
-            return self._read(key, loop)
-
-        started = time.monotonic()
-        for item in run:
-            if self._stopping.is_set():
-                await self._commit()  # what is handled is kept; the rest goes back
-                raise _HandBack(None)
-            if not self._covered:
-                started = time.monotonic()
-            try:
-                writes = await self._handle(seq_of(item), item, read)
-            except Exception as exc:
-                await self._commit()
-                await self._failed(item, exc)
-                continue  # dead-lettered: the checkpoint is past it
-            if must_commit_first(self._pending, writes, COMMIT_KEYS):
-                await self._commit()
-                started = time.monotonic()
-            self._pending.update(writes)
-            self._covered.append(item)
-            if time.monotonic() - started >= COMMIT_SECONDS:
-                await self._commit()
+        under_way: collections.deque[_Call] = collections.deque()
+        started, upcoming = time.monotonic(), 0
+        try:
+            while upcoming < len(run) or under_way:
+                while upcoming < len(run) and len(under_way) < CALL_WINDOW and not self._stopping.is_set():
+                    under_way.append(self._start(run[upcoming], upcoming, tuple(under_way), loop))
+                    upcoming += 1
+                if not under_way:  # stopping: what is handled is kept; the rest goes back
+                    await self._commit()
+                    raise _HandBack(None)
+                call = under_way.popleft()
+                if not self._covered:
+                    started = time.monotonic()
+                try:
+                    writes = await self._result(call, loop)
+                except Exception as exc:
+                    await _drop(under_way)
+                    await self._commit()
+                    await self._failed(call.item, exc)
+                    upcoming = call.index + 1  # dead-lettered: the checkpoint is past it
+                    continue
+                if must_commit_first(self._pending, writes, COMMIT_KEYS):
+                    await self._commit()
+                    started = time.monotonic()
+                self._pending.update(writes)
+                self._covered.append(call.item)
+                if time.monotonic() - started >= COMMIT_SECONDS:
+                    await self._commit()
+        finally:
+            await _drop(under_way)
         await self._commit()
 
     async def _failed(self, item: Item, exc: Exception) -> None:
@@ -218,6 +293,7 @@ class CheckpointedBatch:
         self._checkpoint = last
         self._known.update(self._pending)
         self._known_at = self._revision
+        self.last_settled = None if isinstance(self._covered[-1], StoredMessage) else where(self._covered[-1])
         self._logger.debug("events applied", events=len(self._covered), writes=len(self._pending),
                            first=seq_of(self._covered[0]), last=last)
         for item in self._covered:
@@ -245,6 +321,7 @@ class CheckpointedBatch:
             moved_by_us = self._known_at == self._revision
             self._revision = await self._model.apply({}, seq, self._revision)
             self._checkpoint = seq
+            self.last_settled = where(msg)
             if moved_by_us:
                 self._known_at = self._revision
 
@@ -255,6 +332,15 @@ class CheckpointedBatch:
                     await msg.nak(delay=delay)
                 except Exception:  # noqa: BLE001 - redelivered after ack wait anyway
                     pass
+
+
+async def _drop(calls: collections.deque[_Call]) -> None:
+    """Calls under way whose results will not be used: stopped, and waited for."""
+    tasks = [c.task for c in calls if c.task is not None]
+    calls.clear()
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _ack(msg: Msg, logger: Any) -> None:

@@ -3,6 +3,8 @@
 A fetched batch is applied in log order as one unit (``checkpointed``): each event's read-model
 writes are gathered, with reads seeing the writes of the events before it, and written with the
 handler's checkpoint in one atomic batch, so an event is applied to the read model exactly once.
+An event is handled in two steps: the component call (``call``), which the batch may start before
+the calls before it are done, and the check and publishing of what it did (``finish``), in order.
 Events a notifier publishes carry a message id derived from the event that caused them, so a
 batch applied again after a crash publishes nothing twice. Failure means redelivery.
 """
@@ -10,12 +12,13 @@ batch applied again after a crash publishes nothing twice. Failure means redeliv
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from typing import AbstractSet, Callable
 
 import structlog
 from nats.aio.msg import Msg
 
-from ..engine.mapper import from_message
+from ..engine.mapper import LoggedEvent, from_message
 from ..links import Interest, Role
 from ..naming import (
     EVENTS_STREAM,
@@ -46,9 +49,18 @@ from .base import (
     meant_for_another,
     to_component_event,
 )
+from .batch_plan import Delivery
 from .checkpointed import CheckpointedBatch
 
 log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class Called:
+    """A component call made on one event, its effects not yet checked nor published."""
+
+    event: LoggedEvent
+    effects: HandlerEffects
 
 
 def read_model_bucket(interest: Interest) -> str:
@@ -67,6 +79,7 @@ class StatelessWorker:
         self._settle = Settler(interest.consumer_name, component.name, interest.max_deliveries,
                                dead_letters, self._logger)
         self._hot_keys: list[str] = []  # the read-model keys the last batch read
+        self._last_settled: Delivery | None = None  # the event the last batch moved the checkpoint to
 
     def consumer(self) -> ConsumerSpec:
         return self.consumer_spec(self.interest)
@@ -83,9 +96,11 @@ class StatelessWorker:
             return
         spec = self.consumer()
         events = FilteredLog(batch[0]._client, spec.durable, spec.filter_subjects)  # the batch's connection
-        applying = CheckpointedBatch(batch, stopping, handle=self.handle, read_model=self._read_model, log=events,
-                                     settle=self._settle, logger=self._logger, prefetch=self._hot_keys)
+        applying = CheckpointedBatch(batch, stopping, handler=self, read_model=self._read_model, log=events,
+                                     settle=self._settle, logger=self._logger, prefetch=self._hot_keys,
+                                     previous=self._last_settled)
         await applying.run()
+        self._last_settled = applying.last_settled
         if applying.keys_read:
             self._hot_keys = sorted(applying.keys_read)[:MAX_KEYS_PER_GET]
 
@@ -102,21 +117,28 @@ class StatelessWorker:
             return str(exc)
         return None
 
-    async def handle(self, seq: int, msg: Msg | StoredMessage,
-                     read: Callable[[str], str | None]) -> dict[str, str | None]:
-        """One event (delivered, or read from the log): its read-model writes, once the events it
-        reports are published."""
+    async def call(self, seq: int, msg: Msg | StoredMessage, read: Callable[[str], str | None],
+                   puts: dict[str, str | None]) -> Called | None:
+        """Run the component on one event (delivered, or read from the log), its writes going to
+        ``puts``; None for an event meant for another handler."""
         if meant_for_another(msg, self.interest.consumer_name):
-            return {}
+            return None
         try:
             event = from_message(seq, msg.subject, dict(msg.headers or {}), msg.data)
         except BadMessage as exc:  # anyone may publish on an event subject
             raise Poison(f"not a Concordance event: {exc}") from None
-        effects = HandlerEffects(read=read, check_publish=self._check_publish)
+        effects = HandlerEffects(read=read, check_publish=self._check_publish, puts=puts)
         try:
             await self._component.apply_stateless_event(to_component_event(event), effects)
         except (RejectedByComponent, ComponentFailed) as exc:
             raise Retry(f"handler failed on {event.event_type}: {exc}") from None
+        return Called(event, effects)
+
+    async def finish(self, called: Called | None) -> dict[str, str | None]:
+        """An event's read-model writes, checked, once the events it reports are published."""
+        if called is None:
+            return {}
+        event, effects = called.event, called.effects
         try:
             outgoing = [(key, new_event(snake_case(out.event_type), out.stream, key, out.payload))
                         for key, out in effects.published]

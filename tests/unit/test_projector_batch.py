@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -178,20 +180,35 @@ class FakeDeadLetters:
 
 @dataclass
 class Projector:
-    """Lists the sequences of the events it applies, reading its own writes."""
+    """Lists the sequences of the events it applies, reading its own writes. Its calls run one
+    after another on one thread, as the in-process runtime's do; ``overlap`` runs them at once."""
 
     failing: dict[int, type[Exception]] = field(default_factory=dict)
     handled: list[int] = field(default_factory=list)
     keys_per_event: int = 0
+    overlap: bool = False
+    one_thread: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(max_workers=1))
 
-    async def handle(self, seq: int, item, read) -> dict[str, str | None]:
+    async def call(self, seq: int, item, read, puts: dict) -> dict:
         if seq in self.failing:
             raise self.failing[seq](f"cannot handle {seq}")
-        self.handled.append(seq)
-        seen = json.loads(await asyncio.to_thread(read, "seen") or "[]")
-        writes = {"seen": json.dumps(seen + [seq])}
-        writes.update({f"extra.{seq}.{n}": "x" for n in range(self.keys_per_event)})
-        return writes
+
+        def component() -> None:
+            seen = json.loads(read("seen") or "[]")
+            if self.overlap:
+                time.sleep(0.002)  # the next call reads before this one writes
+            self.handled.append(seq)
+            puts["seen"] = json.dumps(seen + [seq])
+            puts.update({f"extra.{seq}.{n}": "x" for n in range(self.keys_per_event)})
+
+        if self.overlap:
+            await asyncio.to_thread(component)
+        else:
+            await asyncio.get_running_loop().run_in_executor(self.one_thread, component)
+        return puts
+
+    async def finish(self, called: dict) -> dict:
+        return called
 
 
 @pytest.fixture
@@ -200,16 +217,15 @@ def settler() -> Settler:
 
 
 def apply(batch: list[FakeMsg], model: FakeReadModel, log: FakeLog, projector: Projector, settle: Settler,
-          stopping: bool = False, prefetch: tuple[str, ...] = ()) -> set[str]:
-    """Run the batch; return the keys it read."""
+          stopping: bool = False, prefetch: tuple[str, ...] = (), previous: Delivery | None = None) -> CheckpointedBatch:
     event = asyncio.Event()
     if stopping:
         event.set()
-    run = CheckpointedBatch(batch, event, handle=projector.handle, read_model=model,  # type: ignore[arg-type]
+    run = CheckpointedBatch(batch, event, handler=projector, read_model=model,  # type: ignore[arg-type]
                             log=log, settle=settle, logger=structlog.get_logger(),  # type: ignore[arg-type]
-                            prefetch=list(prefetch))
+                            prefetch=list(prefetch), previous=previous)
     asyncio.run(run.run())
-    return run.keys_read
+    return run
 
 
 def seen(model: FakeReadModel) -> list[int]:
@@ -223,6 +239,15 @@ def test_a_batch_is_applied_in_log_order_in_one_commit_and_then_acked(settler: S
     assert seen(model) == [11, 12, 13, 14, 15]  # each read saw the uncommitted writes before it
     assert [seq for seq, _ in model.commits] == [15]
     assert all(m.acks == 1 for m in batch) and log.asked == []
+
+
+def test_calls_made_at_once_are_made_again_when_they_read_before_the_writes_of_the_event_before(
+        settler: Settler) -> None:
+    model, log, projector = FakeReadModel(10), FakeLog(list(range(11, 21))), Projector(overlap=True)
+    batch = fetched(*range(11, 21))
+    apply(batch, model, log, projector, settler)
+    assert seen(model) == list(range(11, 21)) and all(m.acks == 1 for m in batch)
+    assert len(projector.handled) > 10  # some were made again
 
 
 def test_events_already_applied_are_acked_without_being_handled(settler: Settler) -> None:
@@ -242,6 +267,14 @@ def test_events_of_other_types_between_are_found_in_the_log_or_known_from_the_de
     model, log, projector = FakeReadModel(10), FakeLog([11, 14, 18]), Projector()
     apply(fetched(11, 14, 18, redelivered=(11, 14, 18)), model, log, projector, settler)
     assert seen(model) == [11, 14, 18] and log.asked == [10]
+
+
+def test_the_next_batch_of_first_deliveries_follows_the_last_without_asking_the_log(settler: Settler) -> None:
+    model, log, projector = FakeReadModel(10), FakeLog([11, 14, 18, 21, 25]), Projector()
+    last = apply(fetched(11, 14, 18), model, log, projector, settler).last_settled
+    assert last == Delivery(18, 3, True)
+    apply(fetched(21, 25, first_delivery=4), model, log, projector, settler, previous=last)
+    assert seen(model) == [11, 14, 18, 21, 25] and log.asked == []
 
 
 def test_events_held_elsewhere_before_the_batch_are_read_from_the_log_and_applied_here(settler: Settler) -> None:
@@ -300,7 +333,7 @@ def test_the_keys_one_batch_read_are_read_together_at_the_start_of_the_next(
         settler: Settler, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(checkpointed, "PREFETCH_MIN_RUN", 3)
     model, log, projector = FakeReadModel(10), FakeLog(list(range(11, 17))), Projector()
-    read = apply(fetched(11, 12, 13), model, log, projector, settler)
+    read = apply(fetched(11, 12, 13), model, log, projector, settler).keys_read
     assert read == {"seen"} and model.gets == ["seen"]  # once: then its own uncommitted write
     apply(fetched(14, 15, 16, first_delivery=4), model, log, projector, settler, prefetch=tuple(read))
     assert model.gets == ["seen"] and model.many == [["seen"]]
