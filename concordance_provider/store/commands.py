@@ -17,7 +17,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from ..naming import COMMANDS_STREAM, command_subject
-from .jetstream import StoredMessage, direct_get, direct_get_batch
+from .jetstream import direct_get, direct_get_batch, more_after
 
 PAGE_MARGIN = 32  # room for commands held elsewhere, so one request usually reads them all
 FIRST_LOOK_SECONDS = 0.005  # how soon a held-back command first looks whether its turn came
@@ -56,15 +56,6 @@ def must_wait(batch: Iterable[tuple[int, str | None]],
     return waiting
 
 
-def _more_after(page: list[StoredMessage], size: int) -> bool:
-    """Whether the subject has messages after this page: the server counts them on each message
-    (``Nats-Num-Pending``), since it may end a page early; without the count, a short page ends."""
-    if not page:
-        return False
-    pending = page[-1].headers.get("Nats-Num-Pending")
-    return int(pending) > 0 if pending is not None else len(page) == size
-
-
 class CommandQueue:
     """The stored (unfinished) commands of one aggregate."""
 
@@ -86,7 +77,7 @@ class CommandQueue:
                 if message.seq >= below_seq:
                     return found
                 found.append((message.seq, command_key(message.data)))
-            if not _more_after(messages, page):
+            if not more_after(messages, page):
                 return found
             start = messages[-1].seq + 1
 

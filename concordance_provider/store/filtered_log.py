@@ -8,16 +8,7 @@ import asyncio
 from nats.aio.client import Client as NATS
 
 from ..naming import EVENTS_STREAM
-from .jetstream import StoredMessage, direct_get_batch
-
-
-def _more_after(page: list[StoredMessage], size: int) -> bool:
-    """Whether the subject has messages after this page: the server counts them on each message
-    (``Nats-Num-Pending``), since it may end a page early; without the count, a full page may."""
-    if not page:
-        return False
-    pending = page[-1].headers.get("Nats-Num-Pending")
-    return int(pending) > 0 if pending is not None else len(page) == size
+from .jetstream import StoredMessage, direct_get_batch, more_after
 
 
 class FilteredLog:
@@ -36,7 +27,7 @@ class FilteredLog:
                                        for f in self._filters))
         complete_to: int | None = None
         for page in pages:
-            if _more_after(page, limit):
+            if more_after(page, limit):
                 complete_to = page[-1].seq if complete_to is None else min(complete_to, page[-1].seq)
         found = sorted((m for page in pages for m in page), key=lambda m: m.seq)
         return [m for m in found if complete_to is None or m.seq <= complete_to], complete_to

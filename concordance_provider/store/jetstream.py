@@ -102,6 +102,15 @@ async def direct_get_batch(
     return messages
 
 
+def more_after(page: list[StoredMessage], size: int) -> bool:
+    """Whether the subject has messages after this batch page: the server counts them on each
+    message (``Nats-Num-Pending``), since it may end a page early; without the count, a full page may."""
+    if not page:
+        return False
+    pending = page[-1].headers.get("Nats-Num-Pending")
+    return int(pending) > 0 if pending is not None else len(page) == size
+
+
 async def read_all(nc: NATS, stream: str, subject: str, *, after_seq: int = 0,
                    start_time: str | None = None) -> list[StoredMessage]:
     """Every message matching ``subject`` after ``after_seq`` (or from ``start_time``)."""

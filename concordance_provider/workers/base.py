@@ -11,9 +11,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import defaultdict
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable, Collection, Hashable, Mapping, Sequence
+from typing import Any, Awaitable, Callable, Collection, Hashable, Mapping, Sequence
 
 import structlog
 from nats.aio.msg import Msg
@@ -75,26 +74,6 @@ def consumer_for(interest: Interest, stream: str, durable: str, filters: tuple[s
     """A consumer configured by the link's values (batch size, ack wait)."""
     return ConsumerSpec(stream, durable, filters, interest.max_messages_per_batch, max_ack_pending,
                         interest.ack_wait_ms / 1000)
-
-
-class KeyedLocks:
-    """One lock per key, forgotten when nobody holds or waits for it."""
-
-    def __init__(self) -> None:
-        self._locks: dict[Hashable, asyncio.Lock] = {}
-        self._users: dict[Hashable, int] = defaultdict(int)
-
-    @asynccontextmanager
-    async def hold(self, key: Hashable) -> AsyncIterator[None]:
-        lock = self._locks.setdefault(key, asyncio.Lock())
-        self._users[key] += 1
-        try:
-            async with lock:
-                yield
-        finally:
-            self._users[key] -= 1
-            if not self._users[key]:
-                del self._users[key], self._locks[key]
 
 
 def meant_for_another(msg: Msg, consumer: str) -> bool:
