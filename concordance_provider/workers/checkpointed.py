@@ -221,13 +221,18 @@ class CheckpointedBatch:
 
     async def _result(self, call: _Call, loop: asyncio.AbstractEventLoop) -> dict[str, str | None]:
         """The event's writes once the calls before it are merged: its call made again if it read
-        what they wrote before they were done."""
+        what they wrote before they were done (whether it failed or not)."""
         assert call.task is not None
-        called = await call.task
+        try:
+            called, failure = await call.task, None
+        except Exception as exc:  # it may have failed on what it read too soon: that is no failure
+            called, failure = None, exc
         if self._stale(call):
             call = self._start(call.item, call.index, (), loop)
             assert call.task is not None
             called = await call.task
+        elif failure is not None:
+            raise failure
         return await self._handler.finish(called)
 
     async def _apply(self, run: list[Item]) -> None:

@@ -187,6 +187,7 @@ class Projector:
     handled: list[int] = field(default_factory=list)
     keys_per_event: int = 0
     overlap: bool = False
+    strict: bool = False  # fails an event that does not follow the last one it saw
     one_thread: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(max_workers=1))
 
     async def call(self, seq: int, item, read, puts: dict) -> dict:
@@ -195,6 +196,8 @@ class Projector:
 
         def component() -> None:
             seen = json.loads(read("seen") or "[]")
+            if self.strict and seen and seen[-1] != seq - 1:
+                raise Retry(f"{seq} does not follow {seen[-1]}")
             if self.overlap:
                 time.sleep(0.002)  # the next call reads before this one writes
             self.handled.append(seq)
@@ -248,6 +251,15 @@ def test_calls_made_at_once_are_made_again_when_they_read_before_the_writes_of_t
     apply(batch, model, log, projector, settler)
     assert seen(model) == list(range(11, 21)) and all(m.acks == 1 for m in batch)
     assert len(projector.handled) > 10  # some were made again
+
+
+def test_a_call_that_failed_on_what_it_read_too_soon_is_made_again_and_not_counted(settler: Settler) -> None:
+    model, log = FakeReadModel(10), FakeLog(list(range(11, 21)))
+    projector = Projector(overlap=True, strict=True)
+    batch = fetched(*range(11, 21))
+    apply(batch, model, log, projector, settler)
+    assert seen(model) == list(range(11, 21)) and all(m.acks == 1 for m in batch)
+    assert settler._failures == {}
 
 
 def test_events_already_applied_are_acked_without_being_handled(settler: Settler) -> None:
