@@ -33,7 +33,7 @@ from .store.events import EventLog
 from .store.readmodel import ReadModel
 from .store.results import ResultStore
 from .store.state import StateStore
-from .store.streams import ensure_all, ensure_bucket
+from .store.streams import DAY, ensure_all, ensure_bucket
 from .workers.aggregate import AggregateWorker
 from .workers.base import ConsumerLoop
 from .workers.process_manager import ProcessManagerWorker
@@ -119,6 +119,7 @@ class Daemon:
     on_connected: Callable[["Daemon"], Awaitable[None]] | None = None
     on_stopped: Callable[[], Awaitable[None]] | None = None
     stuck_after: float = 120.0  # seconds one consumer turn may take before health says stuck
+    results_ttl: float = DAY  # how long CC_RESULTS keeps each command's outcome
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     consumers_stopped: asyncio.Event = field(default_factory=asyncio.Event)
     health: Health = field(default_factory=Health)
@@ -179,7 +180,7 @@ class Daemon:
         probe = asyncio.create_task(self.health.probe(self.stopping))
         router = UnroutedCommands(nc, js, self._stores.results, self._aggregate_names)
         try:
-            await ensure_all(js)
+            await ensure_all(js, results_ttl=self.results_ttl)
             preloaded = iter(loaded)
             for spec in initial:
                 await self.link(spec, next(preloaded) if spec.path else None)

@@ -108,6 +108,18 @@ def run(work: Coroutine[Any, Any, T]) -> T:
         fail("NATS did not answer in time")
 
 
+_DURATION = re.compile(r"^(\d+)([smhd])$")
+_SECONDS_PER = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration_seconds(text: str) -> float:
+    """Seconds in a duration such as 90s, 15m, 12h or 7d; ValueError saying what is expected."""
+    match = _DURATION.match(text.strip())
+    if not match or int(match.group(1)) == 0:
+        raise ValueError(f"{text!r} is not a duration such as 90s, 15m, 12h or 7d")
+    return float(int(match.group(1)) * _SECONDS_PER[match.group(2)])
+
+
 def fail(message: str, code: int = 2) -> NoReturn:
     """Print one line, ``error: ...``, on stderr and exit with ``code``."""
     print(f"error: {message}", file=sys.stderr, flush=True)

@@ -22,7 +22,7 @@ from ..nats_server import EmbeddedNatsServer, NatsServerError
 from ..provider import HostData, HostDataError, ProviderEndpoint, read_host_data
 from ..runtime.wasmtime_host import ComponentLoadError
 from ..store.streams import IncompatibleStream
-from .common import app, fail
+from .common import app, duration_seconds, fail
 
 
 @app.command()
@@ -53,6 +53,8 @@ def up(
     lattice: Optional[str] = typer.Option(None, help="also take links at run time on this lattice's provider "
                                                      "subjects (concordance deploy sends them there)"),
     provider_id: str = typer.Option("concordance", help="provider id in wasmbus.rpc.{lattice}.{provider_id}.*"),
+    results_ttl: str = typer.Option("1d", envvar="CONCORDANCE_RESULTS_TTL",
+                                    help="how long CC_RESULTS keeps each command's outcome, e.g. 90s, 30m, 12h, 7d"),
     log_level: str = typer.Option("info"),
     log_format: str = typer.Option("auto", help="auto, json or console"),
 ) -> None:
@@ -63,6 +65,10 @@ def up(
     With --lattice it also links any component sent to wasmbus.rpc.{lattice}.{provider_id}.linkdefs.put.
     """
     configure(log_level, log_format)
+    try:
+        results_seconds = duration_seconds(results_ttl)
+    except ValueError as exc:
+        fail(f"--results-ttl: {exc}")
     if manifest is None and lattice is None:
         fail("nothing to run: give a manifest, or --lattice to take links at run time")
     app_manifest: Manifest | None = None
@@ -84,6 +90,7 @@ def up(
     endpoint = None if lattice is None else ProviderEndpoint(
         HostData(lattice_rpc_prefix=lattice, provider_key=provider_id, lattice_rpc_url=nats_url))
     daemon = Daemon(options, app_manifest, health_port=health_port, stuck_after=stuck_after,
+                    results_ttl=results_seconds,
                     on_connected=endpoint.start if endpoint else None, on_stopped=endpoint.finish if endpoint else None)
     try:
         asyncio.run(_serve(daemon, server))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import signal
 import sys
 from datetime import datetime, timedelta, timezone
@@ -37,13 +36,11 @@ from ..naming import (
 from ..store.jetstream import StoredMessage, direct_get, direct_get_batch
 from ..store.readmodel import CHECKPOINT_PREFIX, is_valid_key
 from .client import wait_for_result
-from .common import NATS_URL, app, fail, nats_client, run
+from .common import NATS_URL, app, duration_seconds, fail, nats_client, run
 
 AS_JSON = typer.Option(False, "--json", help="exactly what is stored, for scripts")
 NOT_FOUND, REJECTED, NO_OUTCOME = 1, 1, 3
 PAGE = 256
-_AGE = re.compile(r"^(\d+)([smhd])$")
-_AGE_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 
 
 def _token(value: str, what: str) -> str:
@@ -194,10 +191,9 @@ def _since(since: str | None) -> tuple[int, datetime | None]:
         return 1, None
     if since.isdigit():
         return max(int(since), 1), None
-    age = _AGE.match(since)
-    if age:
-        when = datetime.now(timezone.utc) - timedelta(**{_AGE_UNITS[age.group(2)]: int(age.group(1))})
-    else:
+    try:
+        when = datetime.now(timezone.utc) - timedelta(seconds=duration_seconds(since))
+    except ValueError:
         try:
             when = datetime.fromisoformat(since.replace("Z", "+00:00"))
         except ValueError:

@@ -97,13 +97,16 @@ async def ensure_bucket(js: JetStreamContext, bucket: str, *, ttl: float | None 
         log.info("bucket keeps history; only the latest value is used", bucket=bucket)
     wanted = {"allow_direct": True, **({"allow_atomic": True} if atomic else {})}
     missing = {k: v for k, v in wanted.items() if not getattr(info.config, k)}
+    if ttl is not None and abs((info.config.max_age or 0) - ttl) > 0.001:  # retention is a setting
+        log.info("bucket retention changed", bucket=bucket, seconds=ttl, was=info.config.max_age)
+        missing["max_age"] = ttl
     if missing:
         await js.update_stream(replace(info.config, **missing))
 
 
-async def ensure_all(js: JetStreamContext) -> None:
+async def ensure_all(js: JetStreamContext, results_ttl: float = DAY) -> None:
     await ensure_stream(js, commands_config())
     await ensure_stream(js, events_config())
     await ensure_stream(js, deadletter_config())
     await ensure_bucket(js, STATE_BUCKET)
-    await ensure_bucket(js, RESULTS_BUCKET, ttl=DAY)
+    await ensure_bucket(js, RESULTS_BUCKET, ttl=results_ttl)

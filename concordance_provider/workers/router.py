@@ -18,6 +18,7 @@ from nats.js.errors import NotFoundError
 from ..naming import COMMAND_PREFIX, COMMANDS_STREAM, command_subject
 from ..store.jetstream import read_all
 from ..store.results import ResultStore
+from ..tracing import TRACEPARENT, received
 from ..wire import CommandResult
 
 log = structlog.get_logger(__name__)
@@ -66,7 +67,9 @@ class UnroutedCommands:
                 return
             error = f"no aggregate named {aggregate!r} is linked; command discarded"
             for stored in await read_all(self._nc, COMMANDS_STREAM, command_subject(aggregate)):
-                await self._results.record(stored.seq, CommandResult(status="rejected", aggregate=aggregate, error=error))
+                await self._results.record(stored.seq, CommandResult(
+                    status="rejected", aggregate=aggregate, error=error,
+                    traceparent=received(stored.headers.get(TRACEPARENT))))
                 await self._js.delete_msg(COMMANDS_STREAM, stored.seq)
                 log.warning("command for unknown aggregate rejected", aggregate=aggregate, command_seq=stored.seq)
         except Exception as exc:

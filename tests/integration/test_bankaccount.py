@@ -10,6 +10,8 @@ from pathlib import Path
 import nats
 import pytest
 
+from concordance_provider.tracing import is_valid
+
 from .harness import (
     client,
     daemon,
@@ -128,6 +130,7 @@ async def test_unknown_command_type_is_rejected_with_the_aggregates_own_text(ban
         before = await events(nc, "cc.events.*.bankaccount.UNK1")
         outcome = await result(nc, await send(nc, "bankaccount", {
             "command_type": "LaunchRocket", "key": "UNK1", "data": {"accountNumber": "UNK1", "customerId": "C1"}}))
+        assert is_valid(outcome.pop("traceparent"))
         assert outcome == {"status": "rejected", "aggregate": "bankaccount", "command_type": "launch_rocket",
                            "key": "UNK1", "events": [], "error": "unknown command type 'launch_rocket'"}
         assert await events(nc, "cc.events.*.bankaccount.UNK1") == before
@@ -210,6 +213,7 @@ async def test_command_for_unknown_aggregate_is_answered_and_removed_from_the_qu
         js = nc.jetstream()
         seq = await send(nc, "spaceship", {"command_type": "launch", "key": "S1", "data": {}})
         outcome = await result(nc, seq)
+        assert is_valid(outcome.pop("traceparent"))
         assert outcome == {"status": "rejected", "aggregate": "spaceship", "events": [],
                            "error": "no aggregate named 'spaceship' is linked; command discarded"}
 
