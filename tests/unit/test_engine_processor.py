@@ -374,3 +374,36 @@ async def test_an_outage_while_saving_state_forgets_the_cached_state(engine):
     with pytest.raises(ConnectionError):
         await engine.processor.process(command("deposit", amount=1))
     assert engine.repository.cached("A") is None
+
+
+async def test_a_commands_trace_context_reaches_each_of_its_events_with_a_span_of_their_own(engine):
+    from dataclasses import replace
+
+    from concordance_provider.tracing import TRACEPARENT, trace_id
+    given = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    await engine.processor.process(replace(command("open", balance=0), traceparent=given))
+    await engine.processor.process(command("deposit", amount=5))  # no trace context: none invented here
+
+    traced, untraced = engine.log.messages
+    assert trace_id(traced.headers[TRACEPARENT]) == trace_id(given)
+    assert traced.headers[TRACEPARENT] != given
+    assert TRACEPARENT not in untraced.headers
+
+
+async def test_each_append_conflict_is_counted_for_its_aggregate(engine):
+    from prometheus_client import REGISTRY
+
+    def conflicts() -> float:
+        return REGISTRY.get_sample_value("concordance_append_conflicts_total", {"aggregate": NAME}) or 0.0
+
+    other = engine.twin()
+    await engine.processor.process(command("open", balance=0))
+    before = conflicts()
+
+    async def another_daemon_deposits() -> None:
+        engine.bank.before_decide = None
+        await other.processor.process(command("deposit", amount=7))
+
+    engine.bank.before_decide = another_daemon_deposits
+    await engine.processor.process(command("deposit", amount=5))
+    assert conflicts() == before + 1
