@@ -42,22 +42,27 @@ BANK = ROOT / "examples" / "bankaccount"
 TALLY_WASM = ROOT / "faults" / "build" / "tally.wasm"
 
 
-def write_manifest(folder: Path) -> Path:
-    text = (BANK / "app.yaml").read_text().replace("file://./build/", f"file://{BANK}/build/")
-    text = text.replace("    - name: concordance\n", f"""    - name: tally
+def with_tally(manifest_text: str, wasm: Path, values: str = "") -> str:
+    """The bank manifest with the several-event ``tally`` aggregate linked too (``values``: more
+    link values, as ``, KEY: "value"``)."""
+    return manifest_text.replace("    - name: concordance\n", f"""    - name: tally
       type: component
       properties:
-        image: file://{TALLY_WASM}
+        image: file://{wasm}
       traits:
         - type: link
           properties:
             target: concordance
-            values: {{ROLE: aggregate, NAME: tally, INTEREST: tally}}
+            values: {{ROLE: aggregate, NAME: tally, INTEREST: tally{values}}}
 
     - name: concordance
 """)
+
+
+def write_manifest(folder: Path) -> Path:
+    text = (BANK / "app.yaml").read_text().replace("file://./build/", f"file://{BANK}/build/")
     path = folder / "app.yaml"
-    path.write_text(text)
+    path.write_text(with_tally(text, TALLY_WASM))
     return path
 
 

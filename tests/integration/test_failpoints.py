@@ -24,6 +24,7 @@ from nats.aio.client import Client as NATS
 from concordance_provider.build import build_component
 from concordance_provider.failpoints import CRASH_EXIT_CODE, ENV
 from concordance_provider.store.jetstream import read_all
+from faults.suite import with_tally
 
 from .harness import DaemonProcess, client, eventually, example_manifest, kv_json, nats_server, result, send
 
@@ -76,19 +77,7 @@ def manifest_with_tally(folder: Path) -> Path:
     # a short ack wait: what a crashed daemon held comes back within seconds
     path = example_manifest(folder, {f"NAME: {name}": f"ACK_WAIT_MS: {ACK_WAIT_MS}" for name in (
         "bankaccount", "bankaccount_projector", "interbankxfer", "otherbank_gateway")})
-    text = path.read_text().replace("    - name: concordance\n", f"""    - name: tally
-      type: component
-      properties:
-        image: file://{TALLY_WASM}
-      traits:
-        - type: link
-          properties:
-            target: concordance
-            values: {{ROLE: aggregate, NAME: tally, INTEREST: tally, ACK_WAIT_MS: "{ACK_WAIT_MS}"}}
-
-    - name: concordance
-""")
-    path.write_text(text)
+    path.write_text(with_tally(path.read_text(), TALLY_WASM, f', ACK_WAIT_MS: "{ACK_WAIT_MS}"'))
     return path
 
 
