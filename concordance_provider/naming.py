@@ -45,8 +45,50 @@ def check_token(value: str, what: str) -> str:
     return value
 
 
-def command_subject(aggregate: str) -> str:
-    return f"{COMMAND_PREFIX}.{aggregate}"
+def command_subject(aggregate: str, key: str | None = None) -> str:
+    """``cc.commands.{aggregate}`` (the key in the body), or ``cc.commands.{aggregate}.{key}``: a
+    subject NATS permissions can grant one key at a time."""
+    return f"{COMMAND_PREFIX}.{aggregate}" if key is None else f"{COMMAND_PREFIX}.{aggregate}.{key}"
+
+
+def command_filters(aggregate: str) -> tuple[str, str]:
+    """Both subjects an aggregate's commands come on: without and with the key."""
+    return f"{COMMAND_PREFIX}.{aggregate}", f"{COMMAND_PREFIX}.{aggregate}.*"
+
+
+def parse_command_subject(subject: str) -> tuple[str, str | None]:
+    """``cc.commands.{aggregate}[.{key}]`` -> (aggregate, the subject's key or None)."""
+    parts = subject.split(".")
+    if len(parts) not in (3, 4) or f"{parts[0]}.{parts[1]}" != COMMAND_PREFIX or not all(parts):
+        raise InvalidName(f"not a command subject: {subject!r}")
+    return parts[2], (parts[3] if len(parts) == 4 else None)
+
+
+NO_KEY = "_"  # the key token of an outcome whose command has no usable key (or aggregate name)
+
+
+def _usable(token: str | None) -> str:
+    try:
+        return check_token(token, "token") if token is not None else NO_KEY
+    except InvalidName:
+        return NO_KEY
+
+
+def result_key(aggregate: str | None, key: str | None, seq: int) -> str:
+    """The CC_RESULTS key of command ``seq``: ``{aggregate}.{key}.{seq}``, so a permission on
+    ``$KV.CC_RESULTS.{aggregate}.{key}.>`` covers one instance's outcomes. A name or key that is
+    missing or not one safe token is ``_``."""
+    return f"{_usable(aggregate)}.{_usable(key)}.{int(seq)}"
+
+
+def result_seq(result_key_: str) -> int:
+    """The command sequence a CC_RESULTS key names (its last token)."""
+    return int(result_key_.rsplit(".", 1)[-1])
+
+
+def any_result_key(seq: int) -> str:
+    """The pattern of command ``seq``'s CC_RESULTS key, whatever its aggregate and key."""
+    return f"*.*.{int(seq)}"
 
 
 def event_subject(event_type: str, stream: str, key: str) -> str:

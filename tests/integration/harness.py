@@ -17,7 +17,9 @@ from typing import Any, AsyncIterator, Iterator
 import nats
 from nats.aio.client import Client as NATS
 
+from concordance_provider.naming import command_subject
 from concordance_provider.nats_server import EmbeddedNatsServer, free_port
+from concordance_provider.store.results import read_result
 
 READY_TIMEOUT = 120.0
 EXAMPLE_MANIFEST = Path(__file__).resolve().parents[2] / "examples" / "bankaccount" / "app.yaml"
@@ -120,24 +122,24 @@ async def client(url: str) -> AsyncIterator[NATS]:
         await nc.close()
 
 
-async def send(nc: NATS, aggregate: str, body: Any) -> int:
-    """Send a command exactly as any NATS client would; return its CC_COMMANDS sequence."""
+async def send(nc: NATS, aggregate: str, body: Any, key: str | None = None) -> int:
+    """Send a command exactly as any NATS client would (on ``cc.commands.{aggregate}.{key}`` when
+    ``key`` is given); return its CC_COMMANDS sequence."""
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    reply = await nc.request(f"cc.commands.{aggregate}", data, timeout=5)
+    reply = await nc.request(command_subject(aggregate, key), data, timeout=5)
     ack = json.loads(reply.data)
     assert ack.get("stream") == "CC_COMMANDS", ack
     return int(ack["seq"])
 
 
-async def result(nc: NATS, seq: int, timeout: float = 30.0) -> dict[str, Any]:
-    kv = await nc.jetstream().key_value("CC_RESULTS")
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            return json.loads((await kv.get(str(seq))).value)
-        except nats.js.errors.KeyNotFoundError:
-            await asyncio.sleep(0.05)
-    raise AssertionError(f"no result for command {seq} within {timeout}s")
+async def result(nc: NATS, seq: int, timeout: float = 30.0, *, aggregate: str | None = None,
+                 key: str | None = None) -> dict[str, Any]:
+    """Command ``seq``'s outcome in CC_RESULTS, waited for up to ``timeout`` seconds (read by seq
+    alone, or exactly under ``{aggregate}.{key}.{seq}`` when ``aggregate`` is given)."""
+    outcome = await read_result(nc, seq, aggregate=aggregate, key=key, wait=timeout)
+    if outcome is None:
+        raise AssertionError(f"no result for command {seq} within {timeout}s")
+    return json.loads(outcome)
 
 
 async def kv_json(nc: NATS, bucket: str, key: str) -> Any:
