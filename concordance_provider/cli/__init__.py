@@ -3,6 +3,7 @@
 # They register their commands; --help lists them in this order.
 from . import client, read  # noqa: F401, I001
 from . import daemon, lattice, maintenance, deadletters  # noqa: F401, I001
+from . import archive  # noqa: F401, I001
 from .common import app
 
 
