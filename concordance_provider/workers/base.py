@@ -189,6 +189,7 @@ class ConsumerLoop:
         self._dispatch = dispatch
         self._log = log.bind(consumer=spec.durable)
         self.last_turn = time.monotonic()  # when the loop last came round to fetch
+        self.in_flight: list[Msg] = []  # the batch being dispatched: a shutdown hands back what is unsettled
 
     def turn_seconds(self) -> float:
         """How long the current turn (a fetch and the dispatch of its batch) has taken so far."""
@@ -224,11 +225,13 @@ class ConsumerLoop:
                     await asyncio.sleep(1.0)
                     continue
                 keeper = asyncio.create_task(_keep_alive(batch, self.spec.ack_wait))
+                self.in_flight = batch
                 try:
                     await self._dispatch(batch, stopping)
                 except Exception as exc:  # a bug must not silently stop this consumer
                     self._log.exception("dispatch failed; continuing", error=str(exc))
                 finally:
+                    self.in_flight = []
                     keeper.cancel()
         finally:
             try:
