@@ -9,10 +9,11 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from dataclasses import dataclass
 from enum import Enum
 from typing import Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .naming import InvalidName, check_token, snake_case
 
@@ -25,6 +26,39 @@ DEFAULT_MAX_DELIVERIES = 5
 # each third of this. Other ways to take back a dead daemon's messages early need to know it is
 # dead (a -NAK must name the delivery; resetting the consumer loses every live delivery too).
 DEFAULT_ACK_WAIT_MS = 5_000
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The values a numeric link setting may take, and its default."""
+
+    low: int
+    high: int
+    default: int
+    unit: str = ""
+
+    def describe(self) -> str:
+        unit = f" {self.unit}" if self.unit else ""
+        return f"{self.low} to {self.high}{unit}"
+
+
+# Why each bound (README, "Link values"):
+# - a batch is held in memory while it is worked through, and a projector commits at most 1000
+#   messages at once;
+# - a call gets at least 100 ms, so a loaded machine or a lattice round trip does not fail every
+#   call, and at most 10 minutes, while its message is held with in-progress acks;
+# - a Python component needs more than 16 MiB to start; a 32-bit wasm memory ends at 4 GiB;
+# - 100 deliveries with the backoff capped at 60 s already retry for over an hour and a half;
+# - in-progress acks go out each third of the ack wait for every held message: under a second, a
+#   busy daemon misses them and live work is redelivered; over 5 minutes, a dead daemon's
+#   messages wait that long for another daemon.
+LINK_BOUNDS: dict[str, Bound] = {
+    "MAX_MESSAGES_PER_BATCH": Bound(1, 1000, DEFAULT_BATCH, "messages"),
+    "CALL_TIMEOUT_MS": Bound(100, 600_000, DEFAULT_CALL_TIMEOUT_MS, "ms"),
+    "MAX_MEMORY_MB": Bound(16, 4096, DEFAULT_MEMORY_MB, "MiB"),
+    "MAX_DELIVERIES": Bound(1, 100, DEFAULT_MAX_DELIVERIES, "deliveries"),
+    "ACK_WAIT_MS": Bound(1000, 300_000, DEFAULT_ACK_WAIT_MS, "ms"),
+}
 
 
 class LinkError(ValueError):
@@ -61,11 +95,11 @@ class Interest(BaseModel):
     event_types: tuple[str, ...] = ()
     lifetime: ProcessLifetime | None = None
     key_field: str | None = None
-    max_messages_per_batch: int = Field(default=DEFAULT_BATCH, ge=1)
-    call_timeout_ms: int = Field(default=DEFAULT_CALL_TIMEOUT_MS, ge=1)
-    max_memory_mb: int = Field(default=DEFAULT_MEMORY_MB, ge=16)
-    max_deliveries: int = Field(default=DEFAULT_MAX_DELIVERIES, ge=1)
-    ack_wait_ms: int = Field(default=DEFAULT_ACK_WAIT_MS, ge=1000)
+    max_messages_per_batch: int = DEFAULT_BATCH
+    call_timeout_ms: int = DEFAULT_CALL_TIMEOUT_MS
+    max_memory_mb: int = DEFAULT_MEMORY_MB
+    max_deliveries: int = DEFAULT_MAX_DELIVERIES
+    ack_wait_ms: int = DEFAULT_ACK_WAIT_MS
     read_model_bucket: str | None = None
 
     @property
@@ -144,19 +178,30 @@ def _parse_lifetime(raw: str) -> ProcessLifetime:
     )
 
 
-def _positive_int(values: dict[str, str], key: str, default: int, strict: bool) -> int:
-    raw = values.get(key)
-    if raw is None or raw == "":
-        return default
+def bounded_setting(key: str, raw: str | None) -> int:
+    """One numeric link setting (``LINK_BOUNDS``): its default when absent, else a whole number
+    within its bound, or LinkError naming the value and the range."""
+    bound = LINK_BOUNDS[key]
+    if raw is None or raw.strip() == "":
+        return bound.default
     try:
         number = int(raw)
     except ValueError:
         number = 0
-    if number > 0:
-        return number
-    if strict:
+    if number <= 0:
+        if key == "MAX_MESSAGES_PER_BATCH":
+            return bound.default  # the original contract: an unparsable batch size falls back to the default
         raise LinkError(f"{key} must be a positive integer, got {raw!r}")
-    return default  # the original contract: an unparsable batch size falls back to the default
+    if not bound.low <= number <= bound.high:
+        raise LinkError(f"{key} {raw!r} is out of range: it must be {bound.describe()}")
+    return number
+
+
+def link_settings(values: Mapping[str, str]) -> dict[str, int]:
+    """Every numeric setting of ``values`` (keys case-insensitive), checked as ``parse_interest``
+    checks it; for values that apply to every link, as the provider's ``config.update`` sends."""
+    normalised = _normalise_keys(values)
+    return {key: bounded_setting(key, normalised.get(key)) for key in LINK_BOUNDS if key in normalised}
 
 
 def parse_interest(values: Mapping[str, str]) -> Interest:
@@ -199,11 +244,7 @@ def parse_interest(values: Mapping[str, str]) -> Interest:
             role=role,
             name=name,
             key_field=key_field,
-            max_messages_per_batch=_positive_int(normalised, "MAX_MESSAGES_PER_BATCH", DEFAULT_BATCH, False),
-            call_timeout_ms=_positive_int(normalised, "CALL_TIMEOUT_MS", DEFAULT_CALL_TIMEOUT_MS, True),
-            max_memory_mb=_positive_int(normalised, "MAX_MEMORY_MB", DEFAULT_MEMORY_MB, True),
-            max_deliveries=_positive_int(normalised, "MAX_DELIVERIES", DEFAULT_MAX_DELIVERIES, True),
-            ack_wait_ms=_positive_int(normalised, "ACK_WAIT_MS", DEFAULT_ACK_WAIT_MS, True),
+            **{key.lower(): bounded_setting(key, normalised.get(key)) for key in LINK_BOUNDS},
             read_model_bucket=check_token(bucket, "READ_MODEL_BUCKET") if bucket else None,
             **fields,
         )

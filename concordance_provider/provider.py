@@ -30,7 +30,7 @@ from nats.aio.msg import Msg
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .daemon import Daemon
-from .links import LinkError, parse_interest
+from .links import LinkError, link_settings, parse_interest
 from .manifest import ComponentSpec
 
 log = structlog.get_logger(__name__)
@@ -241,6 +241,11 @@ class ProviderEndpoint:
                 raise ValueError("expected a JSON object of strings")
         except ValueError as exc:
             return {"accepted": False, "error": f"config update is not a JSON map of strings: {exc}"}
+        try:
+            link_settings(update)  # the bounds every link's own values are held to
+        except LinkError as exc:
+            self._logger.error("config update refused", error=str(exc))
+            return {"accepted": False, "error": str(exc)}
         self.config = {k.strip().upper(): v for k, v in update.items()}
         ignored = sorted(set(self.config) - LINK_DEFAULTS)
         if ignored:

@@ -104,6 +104,14 @@ async def test_host_drives_the_provider_through_its_whole_life(example_component
                 status = json.loads((await nc.request("cc.status", b"", timeout=10)).data)
                 interests = {c["name"]: c["interest"] for c in status["components"]}
                 assert interests["bankaccount-projector"]["max_deliveries"] == 3
+                # Defaults are held to the bounds of link values; a refused update changes nothing.
+                tiny = await _ask(nc, f"{rpc}.config.update", {"CALL_TIMEOUT_MS": "1"})
+                assert tiny == {"accepted": False,
+                                "error": "CALL_TIMEOUT_MS '1' is out of range: it must be 100 to 600000 ms"}
+                status = json.loads((await nc.request("cc.status", b"", timeout=10)).data)
+                interests = {c["name"]: c["interest"] for c in status["components"]}
+                assert interests["bankaccount-projector"]["call_timeout_ms"] == 10_000
+                assert interests["bankaccount-projector"]["max_deliveries"] == 3
 
                 # Only its own host may shut it down.
                 refused = await _ask(nc, f"{rpc}.default.shutdown", {"host_id": "NSOMEONEELSE"})

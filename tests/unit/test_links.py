@@ -5,10 +5,12 @@ import pytest
 
 from concordance_provider.links import (
     DEFAULT_BATCH,
+    LINK_BOUNDS,
     Interest,
     LinkError,
     ProcessLifetime,
     Role,
+    link_settings,
     parse_interest,
 )
 
@@ -186,9 +188,38 @@ def test_integer_settings_parsed():
     assert (interest.call_timeout_ms, interest.max_memory_mb) == (500, 64)
 
 
-def test_memory_below_minimum_rejected():
-    with pytest.raises(LinkError, match="max_memory_mb"):
-        parse_interest({"ROLE": "projector", "NAME": "x", "INTEREST": "a", "MAX_MEMORY_MB": "8"})
+@pytest.mark.parametrize("key, raw, expected", [
+    ("CALL_TIMEOUT_MS", "1", "CALL_TIMEOUT_MS '1' is out of range: it must be 100 to 600000 ms"),
+    ("CALL_TIMEOUT_MS", "600001", "CALL_TIMEOUT_MS '600001' is out of range: it must be 100 to 600000 ms"),
+    ("MAX_MEMORY_MB", "8", "MAX_MEMORY_MB '8' is out of range: it must be 16 to 4096 MiB"),
+    ("MAX_MEMORY_MB", "65536", "MAX_MEMORY_MB '65536' is out of range: it must be 16 to 4096 MiB"),
+    ("MAX_DELIVERIES", "1000000", "MAX_DELIVERIES '1000000' is out of range: it must be 1 to 100 deliveries"),
+    ("ACK_WAIT_MS", "999", "ACK_WAIT_MS '999' is out of range: it must be 1000 to 300000 ms"),
+    ("ACK_WAIT_MS", "86400000", "ACK_WAIT_MS '86400000' is out of range: it must be 1000 to 300000 ms"),
+    ("MAX_MESSAGES_PER_BATCH", "1001",
+     "MAX_MESSAGES_PER_BATCH '1001' is out of range: it must be 1 to 1000 messages"),
+])
+def test_out_of_range_settings_are_refused_naming_value_and_range(key, raw, expected):
+    with pytest.raises(LinkError) as err:
+        parse_interest({"ROLE": "projector", "NAME": "x", "INTEREST": "a", key: raw})
+    assert str(err.value) == expected
+
+
+@pytest.mark.parametrize("key", sorted(LINK_BOUNDS))
+def test_each_bound_is_inclusive_at_both_ends(key):
+    bound = LINK_BOUNDS[key]
+    for number in (bound.low, bound.high):
+        interest = parse_interest({"ROLE": "projector", "NAME": "x", "INTEREST": "a", key: str(number)})
+        assert getattr(interest, key.lower()) == number
+    assert getattr(parse_interest({"ROLE": "projector", "NAME": "x", "INTEREST": "a"}), key.lower()) == bound.default
+    assert bound.low <= bound.default <= bound.high
+
+
+def test_link_settings_checks_defaults_for_every_link_as_a_link_would():
+    assert link_settings({"call_timeout_ms": "500", "Max_Deliveries": "3", "colour": "blue"}) == {
+        "CALL_TIMEOUT_MS": 500, "MAX_DELIVERIES": 3}
+    with pytest.raises(LinkError, match="CALL_TIMEOUT_MS '1' is out of range"):
+        link_settings({"CALL_TIMEOUT_MS": "1"})
 
 
 def test_read_model_bucket():

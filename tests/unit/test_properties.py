@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from concordance_provider.links import DEFAULT_BATCH, LinkError, ProcessLifetime, Role, parse_interest
+from concordance_provider.links import DEFAULT_BATCH, LINK_BOUNDS, LinkError, ProcessLifetime, Role, parse_interest
 from concordance_provider.naming import (
     aggregate_state_key,
     check_token,
@@ -215,12 +215,13 @@ def valid_links(draw: st.DrawFn) -> Case:
     values = {"ROLE": draw(st.sampled_from(ROLE_SPELLINGS[role])), "NAME": name, "INTEREST": interest}
     if role is Role.PROCESS_MANAGER or draw(st.booleans()):
         values["KEY"] = expected["key_field"] = draw(st.from_regex(r"[A-Za-z][A-Za-z0-9_]{0,20}", fullmatch=True))
-    batch = draw(st.none() | st.integers(1, 10_000) | st.sampled_from(["abc", "-1", "0", ""]))
+    batch = draw(st.none() | st.integers(1, LINK_BOUNDS["MAX_MESSAGES_PER_BATCH"].high)
+                 | st.sampled_from(["abc", "-1", "0", ""]))
     if batch is not None:  # the original contract: an unparsable batch size falls back to the default
         values["MAX_MESSAGES_PER_BATCH"] = str(batch)
         expected["max_messages_per_batch"] = batch if isinstance(batch, int) else DEFAULT_BATCH
-    for name_, low, high in (("CALL_TIMEOUT_MS", 1, 600_000), ("MAX_DELIVERIES", 1, 100)):
-        number = draw(st.none() | st.integers(low, high))
+    for name_ in ("CALL_TIMEOUT_MS", "MAX_DELIVERIES"):
+        number = draw(st.none() | st.integers(LINK_BOUNDS[name_].low, LINK_BOUNDS[name_].high))
         if number is not None:
             values[name_] = str(number)
             expected[name_.lower()] = number
@@ -247,7 +248,7 @@ TOKEN_RULE = "is not allowed: use 1-128 characters from A-Z a-z 0-9 _ - ="
 def invalid_links(draw: st.DrawFn) -> Case:
     defect = draw(st.sampled_from(["missing", "unknown role", "unsafe name", "unsafe stream", "no event types",
                                    "unsafe event type", "lifetime not JSON", "lifetime shape", "no process key",
-                                   "not positive"]))
+                                   "not positive", "out of range"]))
     if defect == "missing":
         values = _plain_link(draw(st.sampled_from(list(Role))), "x")
         field = draw(st.sampled_from(["ROLE", "NAME", "INTEREST"]))
@@ -290,6 +291,12 @@ def invalid_links(draw: st.DrawFn) -> Case:
         del values["KEY"]
         return Case(defect, values, error="process manager link needs KEY: the event field that holds the process key")
     field = draw(st.sampled_from(["CALL_TIMEOUT_MS", "MAX_DELIVERIES", "MAX_MEMORY_MB", "ACK_WAIT_MS"]))
+    if defect == "out of range":
+        bound = LINK_BOUNDS[field]
+        number = draw(st.integers(1, bound.low - 1) | st.integers(min_value=bound.high + 1) if bound.low > 1
+                      else st.integers(min_value=bound.high + 1))
+        return Case(defect, _plain_link(Role.AGGREGATE, "x") | {field: str(number)},
+                    error=f"{field} {str(number)!r} is out of range: it must be {bound.describe()}")
     raw = draw(st.sampled_from(["0", "-1", "abc", "1.5"]) | st.integers(max_value=0).map(str))
     return Case(defect, _plain_link(Role.AGGREGATE, "x") | {field: raw},
                 error=f"{field} must be a positive integer, got {raw!r}")
