@@ -20,7 +20,8 @@ class BadMessage(ValueError):
 
 
 class RawCommand(BaseModel):
-    """The JSON a client publishes on ``cc.commands.{aggregate}``: all three fields are required,
+    """The JSON a client publishes on ``cc.commands.{aggregate}`` or ``cc.commands.{aggregate}.{key}``
+    (then with that key): all three fields are required,
     as in the original contract (``data`` is the command's payload object, ``{}`` when empty)."""
 
     model_config = ConfigDict(extra="ignore")
@@ -39,9 +40,16 @@ class RawCommand(BaseModel):
         return check_token(value, "key")
 
 
-def parse_command(body: bytes) -> RawCommand:
+class KeyMismatch(BadMessage):
+    """A command sent on ``cc.commands.{aggregate}.{key}`` whose body names another key."""
+
+
+def parse_command(body: bytes, subject_key: str | None = None) -> RawCommand:
+    """The command in ``body``; ``subject_key`` is the key its subject names, if it names one,
+    which the body's key must equal (``KeyMismatch`` otherwise): a permission granted on the
+    subject then really limits the keys a client can act on."""
     try:
-        return RawCommand.model_validate_json(body)
+        command = RawCommand.model_validate_json(body)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in exc.errors()
@@ -49,6 +57,10 @@ def parse_command(body: bytes) -> RawCommand:
         raise BadMessage(f"malformed command: {problems}") from None
     except InvalidName as exc:
         raise BadMessage(f"malformed command: {exc}") from None
+    if subject_key is not None and command.key != subject_key:
+        raise KeyMismatch(f"key mismatch: the subject names key {subject_key!r}, the command's body "
+                          f"{command.key!r}; the command was not decided")
+    return command
 
 
 class CloudEvent(BaseModel):
@@ -86,7 +98,8 @@ def parse_event(body: bytes) -> CloudEvent:
 
 
 class CommandResult(BaseModel):
-    """What became of a command, stored in KV ``CC_RESULTS`` under its CC_COMMANDS sequence."""
+    """What became of a command, stored in KV ``CC_RESULTS`` under ``{aggregate}.{key}.{seq}``
+    (``seq``: its CC_COMMANDS sequence)."""
 
     status: Literal["accepted", "rejected"]
     aggregate: str

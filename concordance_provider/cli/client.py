@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 
 import typer
-from nats.aio.client import Client as NATS
 from nats.errors import NoRespondersError
 
-from ..naming import RESULTS_BUCKET, InvalidName, check_token, command_subject
+from ..naming import InvalidName, check_token, command_subject
 from ..status import STATUS_SUBJECT
+from ..store.results import read_result
 from ..wire import BadMessage, parse_command
 from .common import NATS_URL, app, fail, nats_client, run
 
@@ -24,10 +24,10 @@ def send(
     nats_url: str = NATS_URL,
     wait: float = typer.Option(10.0, help="seconds to wait for the outcome (0: don't wait)"),
 ) -> None:
-    """Send a command and print its outcome from CC_RESULTS.
+    """Send a command on cc.commands.AGGREGATE.KEY and print its outcome from CC_RESULTS.
 
     The command is checked here before it is sent, by the rules the daemon applies: JSON, with
-    command_type, key and data. A file is sent only when named with @ (a bare path is taken for
+    command_type, key and data; its key goes in the subject too. A file is sent only when named with @ (a bare path is taken for
     JSON text and refused). Exit status: 0 accepted (or sent, with --wait 0), 1 rejected, 2 not
     sent, 3 no outcome within --wait seconds.
     """
@@ -37,10 +37,10 @@ def send(
         fail(str(exc))
     body = _command_body(command)
     try:
-        parse_command(body)
+        key = parse_command(body).key
     except BadMessage as exc:
         fail(f"not sent: {exc}")
-    result = run(_send(nats_url, aggregate, body, wait))
+    result = run(_send(nats_url, aggregate, key, body, wait))
     typer.echo(json.dumps(result))
     if result.get("status") == "rejected":
         raise typer.Exit(1)
@@ -71,35 +71,22 @@ def _command_body(command: str) -> bytes:
     return body
 
 
-async def _send(url: str, aggregate: str, body: bytes, wait: float) -> dict:
+async def _send(url: str, aggregate: str, key: str, body: bytes, wait: float) -> dict:
+    """Publish on the key's own subject, so a client allowed only its keys can send; then read the
+    outcome where that key's outcomes are (``{aggregate}.{key}.{seq}``)."""
+    subject = command_subject(aggregate, key)
     async with nats_client(url) as nc:
         try:
-            reply = await nc.request(command_subject(aggregate), body, timeout=5)
+            reply = await nc.request(subject, body, timeout=5)
         except NoRespondersError:
-            fail(f"nothing stores {command_subject(aggregate)}: has a daemon ever run against this server?")
+            fail(f"nothing stores {subject}: has a daemon of this version run against this server?")
         ack = json.loads(reply.data)
         if "error" in ack or wait <= 0:
             return ack
-        outcome = await wait_for_result(nc, int(ack["seq"]), wait)
+        outcome = await read_result(nc, int(ack["seq"]), aggregate=aggregate, key=key, wait=wait)
         if outcome is None:
             return {"seq": ack["seq"], "status": "pending", "error": f"no outcome within {wait}s"}
         return {"seq": ack["seq"], **json.loads(outcome)}
-
-
-async def wait_for_result(nc: NATS, seq: int, wait: float) -> bytes | None:
-    """The stored outcome of command ``seq``, waiting up to ``wait`` seconds for it; None if none came."""
-    kv = await nc.jetstream().key_value(RESULTS_BUCKET)
-    watcher = await kv.watch(str(seq))
-    try:
-        async with asyncio.timeout(wait):
-            async for entry in watcher:
-                if entry is not None and entry.value:
-                    return bytes(entry.value)
-    except TimeoutError:
-        return None
-    finally:
-        await watcher.stop()
-    return None
 
 
 @app.command()

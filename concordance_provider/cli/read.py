@@ -18,7 +18,7 @@ import typer
 from nats.aio.client import Client as NATS
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.errors import NoRespondersError
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
+from nats.js.errors import BucketNotFoundError, NotFoundError
 
 from ..engine.mapper import CAUSATION
 from ..naming import (
@@ -35,7 +35,7 @@ from ..naming import (
 )
 from ..store.jetstream import StoredMessage, direct_get, direct_get_batch
 from ..store.readmodel import CHECKPOINT_PREFIX, is_valid_key
-from .client import wait_for_result
+from ..store.results import read_result
 from .common import NATS_URL, app, duration_seconds, fail, nats_client, run
 
 AS_JSON = typer.Option(False, "--json", help="exactly what is stored, for scripts")
@@ -140,16 +140,14 @@ def result(
 
 
 async def _result(url: str, seq: int, wait: float) -> tuple[bytes | None, int]:
+    """The outcome of command ``seq`` by its sequence alone (``*.*.{seq}`` in CC_RESULTS)."""
     async with nats_client(url) as nc:
         js = nc.jetstream()
         last_command = (await js.stream_info(COMMANDS_STREAM)).state.last_seq
         try:
-            entry = await (await js.key_value(RESULTS_BUCKET)).get(str(seq))
-            if entry.value:
-                return bytes(entry.value), last_command
-        except KeyNotFoundError:
-            pass
-        return (await wait_for_result(nc, seq, wait) if wait > 0 else None), last_command
+            return await read_result(nc, seq, wait=wait), last_command
+        except NoRespondersError:
+            fail(f"there is no bucket {RESULTS_BUCKET} on this server: has a daemon run against it (--nats-url)?")
 
 
 def _outcome_line(seq: int, outcome: dict[str, Any]) -> str:

@@ -4,6 +4,9 @@ CC_COMMANDS is a work queue: a command leaves it when it is acked (decided) or t
 dead letter stored). A command still stored is unfinished, whichever daemon holds it, even one
 that died. So a fetched command may be decided only when no earlier command of its key is still
 stored, apart from those fetched with it, which its worker decides first.
+
+An aggregate's commands come on two subjects, ``cc.commands.{aggregate}`` (the key in the body)
+and ``cc.commands.{aggregate}.{key}``; both are read, so one key's order holds across them.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Iterable, Sequence
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from ..naming import COMMANDS_STREAM, command_subject
+from ..naming import COMMANDS_STREAM, InvalidName, command_filters, parse_command_subject
 from .jetstream import direct_get, direct_get_batch, more_after
 
 PAGE_MARGIN = 32  # room for commands held elsewhere, so one request usually reads them all
@@ -31,6 +34,18 @@ def command_key(data: bytes) -> str | None:
         return None
     key = body.get("key") if isinstance(body, dict) else None
     return key if isinstance(key, str) else None
+
+
+def ordering_key(subject: str, data: bytes) -> str | None:
+    """The key a command is ordered by: its subject's key, else its body's.
+
+    A command whose body names another key than its subject is rejected undecided, so ordering it
+    by the subject's key delays nothing that matters."""
+    try:
+        _, key = parse_command_subject(subject)
+    except InvalidName:
+        key = None
+    return key if key is not None else command_key(data)
 
 
 def must_wait(batch: Iterable[tuple[int, str | None]],
@@ -60,30 +75,35 @@ class CommandQueue:
     """The stored (unfinished) commands of one aggregate."""
 
     def __init__(self, aggregate: str) -> None:
-        self._subject = command_subject(aggregate)
+        self._subjects = command_filters(aggregate)
         self._nc: NATS | None = None
 
     async def unfinished(self, nc: NATS, below_seq: int, page: int = 256) -> list[tuple[int, str | None]]:
-        """(sequence, key) of each of the aggregate's commands still stored below ``below_seq``.
+        """(sequence, key) of each of the aggregate's commands still stored below ``below_seq``, on
+        both its subjects, in stream order. The two subjects are read at once."""
+        pages = await asyncio.gather(*(self._unfinished_on(nc, subject, below_seq, page)
+                                       for subject in self._subjects))
+        return sorted(found for subject_found in pages for found in subject_found)
 
-        A direct get by subject has no upper bound (the server ignores ``up_to_seq`` there), so
-        pages are read until one passes ``below_seq``.
-        """
+    @staticmethod
+    async def _unfinished_on(nc: NATS, subject: str, below_seq: int, page: int) -> list[tuple[int, str | None]]:
+        """Those of one subject. A direct get by subject has no upper bound (the server ignores
+        ``up_to_seq`` there), so pages are read until one passes ``below_seq``."""
         found: list[tuple[int, str | None]] = []
         start = 1
         while True:  # each page starts past the last: ends within (stored messages / page) + 1 reads
-            messages = await direct_get_batch(nc, COMMANDS_STREAM, self._subject, start_seq=start, limit=page)
+            messages = await direct_get_batch(nc, COMMANDS_STREAM, subject, start_seq=start, limit=page)
             for message in messages:
                 if message.seq >= below_seq:
                     return found
-                found.append((message.seq, command_key(message.data)))
+                found.append((message.seq, ordering_key(message.subject, message.data)))
             if not more_after(messages, page):
                 return found
             start = messages[-1].seq + 1
 
     async def must_wait(self, batch: list[Msg]) -> dict[int, tuple[int, ...]]:
         """The fetched commands that must wait, each with the earlier ones of its key it waits for."""
-        fetched = [(msg.metadata.sequence.stream, command_key(msg.data)) for msg in batch]
+        fetched = [(msg.metadata.sequence.stream, ordering_key(msg.subject, msg.data)) for msg in batch]
         if not any(key is not None for _, key in fetched):
             return {}
         last = max(seq for seq, _ in fetched)

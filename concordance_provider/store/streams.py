@@ -35,9 +35,11 @@ class IncompatibleStream(Exception):
 
 def commands_config() -> StreamConfig:
     # A day of deduplication: a process manager re-sending its commands after a crash is
-    # recognised by their message ids.
+    # recognised by their message ids. Commands come with the key in the body only
+    # (cc.commands.{aggregate}) or in the subject too (cc.commands.{aggregate}.{key}).
     return StreamConfig(
-        name=COMMANDS_STREAM, subjects=[f"{COMMAND_PREFIX}.*"], retention=RetentionPolicy.WORK_QUEUE,
+        name=COMMANDS_STREAM, subjects=[f"{COMMAND_PREFIX}.*", f"{COMMAND_PREFIX}.*.*"],
+        retention=RetentionPolicy.WORK_QUEUE,
         storage=StorageType.FILE, duplicate_window=DAY, allow_direct=True,
     )
 
@@ -51,12 +53,19 @@ def events_config() -> StreamConfig:
 
 
 def _check(existing: StreamConfig, wanted: StreamConfig) -> list[str]:
+    """What makes an existing stream unusable. Subjects it lacks are not a problem (they are
+    added); subjects it has beyond the wanted ones are."""
     problems = []
     if existing.retention != wanted.retention:
         problems.append(f"retention is {existing.retention}, needs {wanted.retention}")
-    if sorted(existing.subjects or []) != sorted(wanted.subjects or []):
+    if not set(existing.subjects or []) <= set(wanted.subjects or []):
         problems.append(f"subjects are {existing.subjects}, needs {wanted.subjects}")
     return problems
+
+
+def _missing_subjects(existing: StreamConfig, wanted: StreamConfig) -> list[str]:
+    have = set(existing.subjects or [])
+    return [subject for subject in wanted.subjects or [] if subject not in have]
 
 
 async def ensure_stream(js: JetStreamContext, wanted: StreamConfig) -> None:
@@ -73,10 +82,14 @@ async def ensure_stream(js: JetStreamContext, wanted: StreamConfig) -> None:
             f"Remove or migrate it (nats stream rm {wanted.name}) before starting"
         )
     features = {"allow_atomic": wanted.allow_atomic, "allow_direct": wanted.allow_direct}
-    missing = {k: v for k, v in features.items() if v and not getattr(info.config, k)}
+    missing: dict[str, object] = {k: v for k, v in features.items() if v and not getattr(info.config, k)}
+    added = _missing_subjects(info.config, wanted)
+    if added:  # e.g. a CC_COMMANDS made before commands could name their key in the subject
+        missing["subjects"] = [*(info.config.subjects or []), *added]
     if missing:
         await js.update_stream(replace(info.config, **missing))
-        log.info("stream updated", stream=wanted.name, enabled=sorted(missing))
+        log.info("stream updated", stream=wanted.name, enabled=sorted(k for k in missing if k != "subjects"),
+                 subjects_added=added)
 
 
 async def ensure_bucket(js: JetStreamContext, bucket: str, *, ttl: float | None = None,

@@ -18,13 +18,20 @@ from ..engine.persistence import EventLog, StateStore
 from ..engine.processor import Command, CommandProcessor
 from ..engine.repository import AggregateRepository
 from ..links import Interest
-from ..naming import COMMANDS_STREAM, EVENTS_STREAM, command_subject, stream_filter
+from ..naming import (
+    COMMANDS_STREAM,
+    EVENTS_STREAM,
+    InvalidName,
+    command_filters,
+    parse_command_subject,
+    stream_filter,
+)
 from ..runtime import Component, ComponentFailed
-from ..store.commands import CommandQueue, command_key
+from ..store.commands import CommandQueue, ordering_key
 from ..store.deadletters import DeadLetters
 from ..store.results import ResultStore
 from ..tracing import TRACEPARENT, received, trace_id
-from ..wire import BadMessage, CommandResult, RawCommand, parse_command
+from ..wire import BadMessage, CommandResult, KeyMismatch, RawCommand, parse_command
 from .base import (
     ConsumerSpec,
     Poison,
@@ -60,7 +67,7 @@ class AggregateWorker:
 
     def command_consumer(self) -> ConsumerSpec:
         return consumer_for(self.interest, COMMANDS_STREAM, f"AGG_CMD_{self.interest.name}",
-                            (command_subject(self.interest.name),))
+                            command_filters(self.interest.name))
 
     def event_consumer(self) -> ConsumerSpec:
         return consumer_for(self.interest, EVENTS_STREAM, self.interest.consumer_name, (stream_filter(self.stream),))
@@ -80,11 +87,18 @@ class AggregateWorker:
         meta = msg.metadata
         seq = meta.sequence.stream
         logger = self._logger.bind(command_seq=seq)
+        traceparent = received((msg.headers or {}).get(TRACEPARENT))
+        subject_key = _subject_key(msg)
         try:
-            command = parse_command(msg.data)
+            command = parse_command(msg.data, subject_key)
+        except KeyMismatch as exc:  # a client's error, not a fault: answered, never decided
+            logger.warning("command rejected", key=subject_key, error=str(exc), trace_id=trace_id(traceparent))
+            await self._results.record(seq, CommandResult(
+                status="rejected", aggregate=self.interest.name, key=subject_key, error=str(exc),
+                command_type=_command_type(msg.data), traceparent=traceparent))
+            return
         except BadMessage as exc:
             raise Poison(str(exc)) from None  # answered by _answer_dead_command
-        traceparent = received((msg.headers or {}).get(TRACEPARENT))
         logger = logger.bind(key=command.key, command_type=command.command_type, trace_id=trace_id(traceparent))
         try:
             result = await self._processor.process(
@@ -99,14 +113,16 @@ class AggregateWorker:
         await self._results.record(seq, result)
 
     async def _answer_dead_command(self, msg: Msg, reason: str) -> None:
-        """A command that went to the dead letters still gets an outcome its client can read."""
+        """A command that went to the dead letters still gets an outcome its client can read, under
+        its subject's key if the subject names one (a per-key client may read only that key)."""
         try:
             command: RawCommand | None = parse_command(msg.data)
         except BadMessage:
             command = None
+        key = _subject_key(msg) or (command.key if command else None)
         await self._results.record(msg.metadata.sequence.stream, CommandResult(
             status="rejected", aggregate=self.interest.name, error=reason,
-            command_type=command.command_type if command else None, key=command.key if command else None,
+            command_type=command.command_type if command else None, key=key,
             traceparent=received((msg.headers or {}).get(TRACEPARENT)),
         ))
 
@@ -122,4 +138,20 @@ class AggregateWorker:
 
 
 def _command_key(msg: Msg) -> str | None:
-    return command_key(msg.data)
+    return ordering_key(msg.subject, msg.data)
+
+
+def _subject_key(msg: Msg) -> str | None:
+    """The key a command's subject names (``cc.commands.{aggregate}.{key}``), None on the plain one."""
+    try:
+        return parse_command_subject(msg.subject)[1]
+    except InvalidName:
+        return None
+
+
+def _command_type(data: bytes) -> str | None:
+    """The command type of a body already known to parse, for the outcome of a key mismatch."""
+    try:
+        return parse_command(data).command_type
+    except BadMessage:
+        return None

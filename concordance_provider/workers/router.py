@@ -1,7 +1,8 @@
 """Commands nobody will ever handle get a clear answer instead of waiting forever.
 
-A command published for an aggregate that has no command consumer (no daemon ever linked it)
-is answered in ``CC_RESULTS`` with a rejection and removed from the work queue.
+A command published for an aggregate that has no command consumer (no daemon ever linked it),
+on ``cc.commands.{aggregate}`` or ``cc.commands.{aggregate}.{key}``, is answered in ``CC_RESULTS``
+with a rejection (under ``{aggregate}.{key}.{seq}``, as every outcome) and removed from the work queue.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from ..naming import COMMAND_PREFIX, COMMANDS_STREAM, command_subject
+from ..naming import COMMAND_PREFIX, COMMANDS_STREAM, command_filters
+from ..store.commands import ordering_key
 from ..store.jetstream import read_all
 from ..store.results import ResultStore
 from ..tracing import TRACEPARENT, received
@@ -37,13 +39,14 @@ class UnroutedCommands:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        await self._nc.subscribe(f"{COMMAND_PREFIX}.*", queue="concordance-router", cb=self._on_command)
-        info = await self._js.stream_info(COMMANDS_STREAM, subjects_filter=f"{COMMAND_PREFIX}.*")
+        for subject in (f"{COMMAND_PREFIX}.*", f"{COMMAND_PREFIX}.*.*"):
+            await self._nc.subscribe(subject, queue="concordance-router", cb=self._on_command)
+        info = await self._js.stream_info(COMMANDS_STREAM, subjects_filter=f"{COMMAND_PREFIX}.>")
         for subject in (info.state.subjects or {}):
-            self._schedule(subject.split(".", 2)[2])
+            self._schedule(_aggregate_of(subject))
 
     async def _on_command(self, msg: Msg) -> None:
-        self._schedule(msg.subject.split(".", 2)[2])
+        self._schedule(_aggregate_of(msg.subject))
 
     def _schedule(self, aggregate: str) -> None:
         if aggregate in self._pending or aggregate in self._served:
@@ -66,10 +69,12 @@ class UnroutedCommands:
             if await self._handled(aggregate):
                 return
             error = f"no aggregate named {aggregate!r} is linked; command discarded"
-            for stored in await read_all(self._nc, COMMANDS_STREAM, command_subject(aggregate)):
+            stored_commands = [stored for subject in command_filters(aggregate)
+                               for stored in await read_all(self._nc, COMMANDS_STREAM, subject)]
+            for stored in sorted(stored_commands, key=lambda stored: stored.seq):
                 await self._results.record(stored.seq, CommandResult(
-                    status="rejected", aggregate=aggregate, error=error,
-                    traceparent=received(stored.headers.get(TRACEPARENT))))
+                    status="rejected", aggregate=aggregate, key=ordering_key(stored.subject, stored.data),
+                    error=error, traceparent=received(stored.headers.get(TRACEPARENT))))
                 await self._js.delete_msg(COMMANDS_STREAM, stored.seq)
                 log.warning("command for unknown aggregate rejected", aggregate=aggregate, command_seq=stored.seq)
         except Exception as exc:
@@ -80,3 +85,8 @@ class UnroutedCommands:
     async def stop(self) -> None:
         for task in list(self._tasks):
             task.cancel()
+
+
+def _aggregate_of(subject: str) -> str:
+    """``cc.commands.{aggregate}[.{key}]`` -> aggregate."""
+    return subject.split(".")[2]

@@ -18,6 +18,7 @@ import pytest
 
 from concordance_provider import __version__
 from concordance_provider.nats_server import free_port
+from concordance_provider.store.results import read_result
 
 from .harness import DaemonProcess, client, kv_json, quiescent, result, send
 
@@ -80,7 +81,7 @@ async def test_the_walkthrough_to_a_finished_wire_transfer_needs_only_concordanc
 
     async with client(url) as nc:
         stored_state = (await (await nc.jetstream().key_value("CC_STATE")).get("agg.bankaccount.ABC123")).value
-        stored_result = (await (await nc.jetstream().key_value("CC_RESULTS")).get(str(outcomes[3]["seq"]))).value
+        stored_result = await read_result(nc, outcomes[3]["seq"], aggregate="bankaccount", key="ABC123")
     state = cli("state", "bankaccount", "ABC123", "--json", url=url)
     assert state.returncode == 0 and state.stdout.encode() == stored_state + b"\n"  # exactly the stored object
     assert json.loads(state.stdout)["balance"] == 6000

@@ -19,6 +19,7 @@ from nats.aio.client import Client as NATS
 
 from concordance_provider.failpoints import CRASH_EXIT_CODE, ENV
 from concordance_provider.store.jetstream import read_all
+from concordance_provider.store.results import read_result
 from concordance_provider.store.streams import ensure_all
 
 from .harness import READY_TIMEOUT, DaemonProcess, client, example_manifest, kv_json, nats_server, result, send
@@ -58,12 +59,9 @@ async def finished(nc: NATS, seqs: dict[str, int]) -> bool:
     """Every one of ``seqs`` has left the queue and has an outcome."""
     if await stored_commands(nc) & set(seqs.values()):
         return False
-    kv = await nc.jetstream().key_value("CC_RESULTS")
-    try:
-        for seq in seqs.values():
-            await kv.get(str(seq))
-    except Exception:  # noqa: BLE001 - not there yet
-        return False
+    for seq in seqs.values():
+        if await read_result(nc, seq) is None:
+            return False
     return True
 
 

@@ -24,6 +24,7 @@ from nats.aio.client import Client as NATS
 from concordance_provider.build import build_component
 from concordance_provider.failpoints import CRASH_EXIT_CODE, ENV
 from concordance_provider.store.jetstream import read_all
+from concordance_provider.store.results import stored_results
 from faults.suite import with_tally
 
 from .harness import DaemonProcess, client, eventually, example_manifest, kv_json, nats_server, result, send
@@ -129,12 +130,7 @@ async def stored_events(nc: NATS) -> list:
 
 
 async def all_results(nc: NATS) -> dict[int, dict]:
-    js = nc.jetstream()
-    prefix = "$KV.CC_RESULTS."
-    info = await js.stream_info("KV_CC_RESULTS", subjects_filter=f"{prefix}>")
-    kv = await js.key_value("CC_RESULTS")
-    return {int(s[len(prefix):]): json.loads((await kv.get(s[len(prefix):])).value)
-            for s in (info.state.subjects or {})}
+    return {seq: json.loads(value) for seq, value in (await stored_results(nc)).items()}
 
 
 def partial_tallies(events: list) -> list[str]:

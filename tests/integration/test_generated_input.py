@@ -12,6 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from concordance_provider.store.results import read_result
+
 from .harness import DaemonProcess, daemon, nats_server
 
 pytestmark = pytest.mark.integration
@@ -47,14 +49,10 @@ async def _one_outcome(url: str, body: bytes) -> dict:
     nc = await nats.connect(url)
     try:
         ack = json.loads((await nc.request("cc.commands.bankaccount", body, timeout=5)).data)
-        kv = await nc.jetstream().key_value("CC_RESULTS")
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                return json.loads((await kv.get(str(ack["seq"]))).value)
-            except nats.js.errors.KeyNotFoundError:
-                await asyncio.sleep(0.05)
-        raise AssertionError(f"no outcome for {body!r}")
+        outcome = await read_result(nc, ack["seq"], wait=20)
+        if outcome is None:
+            raise AssertionError(f"no outcome for {body!r}")
+        return json.loads(outcome)
     finally:
         await nc.close()
 

@@ -7,8 +7,9 @@ import asyncio
 import json
 
 import msgpack
-import nats
 import pytest
+
+from concordance_provider.store.results import read_result
 
 from .harness import client, daemon, eventually, kv_json, nats_server, result, send
 
@@ -81,8 +82,7 @@ async def test_commands_wait_while_no_host_serves_and_complete_when_one_does(tmp
                                     lambda i: i.delivered.consumer_seq >= 3, timeout=30)
             assert info.delivered.consumer_seq >= 3  # tried three times and waiting, though MAX_DELIVERIES is 1
             assert (await nc.jetstream().stream_info("CC_DEADLETTER")).state.messages == 0
-            with pytest.raises(nats.js.errors.KeyNotFoundError):
-                await (await nc.jetstream().key_value("CC_RESULTS")).get(str(seq))
+            assert await read_result(nc, seq) is None
 
             async def host(msg) -> None:
                 request = msgpack.unpackb(msg.data)
