@@ -48,7 +48,7 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 from nats.js.api import StorageType, StreamConfig
-from nats.js.errors import KeyNotFoundError, NotFoundError
+from nats.js.errors import NotFoundError
 
 from benchmarks import load, peer, plot, targets
 from benchmarks.wire import (  # noqa: F401  (re-exported: benchmarks.lattice imports them from here)
@@ -73,6 +73,7 @@ from benchmarks.wire import (  # noqa: F401  (re-exported: benchmarks.lattice im
 from concordance_provider.logging import configure as configure_logging
 from concordance_provider.naming import COMMANDS_STREAM, RESULTS_BUCKET, STATE_BUCKET, command_subject
 from concordance_provider.nats_server import EmbeddedNatsServer, free_port
+from concordance_provider.store.results import read_result
 
 RAW_STREAM, RAW_SUBJECT = "BENCH_RAW", "bench.raw"
 DEFAULT_PLOT = ROOT / "benchmarks" / "results" / "bench.png"
@@ -160,10 +161,10 @@ async def run_commands(js: JetStreamContext, outcomes: Outcomes, bodies: list[by
     return seqs, sent - start, done - start
 
 
-async def wait_until_ready(js: JetStreamContext, daemon: subprocess.Popen[bytes], opts: Options,
-                           tag: str) -> float:
+async def wait_until_ready(nc: NATS, daemon: subprocess.Popen[bytes], opts: Options, tag: str) -> float:
     """Streams, buckets and the command consumer exist, and a probe command is accepted."""
     start = time.perf_counter()
+    js = nc.jetstream()
 
     async def infrastructure() -> bool:
         try:
@@ -176,17 +177,16 @@ async def wait_until_ready(js: JetStreamContext, daemon: subprocess.Popen[bytes]
             return False
 
     await poll_until(infrastructure, opts.ready_timeout, "the daemon's streams and consumers", daemon)
-    results = await js.key_value(RESULTS_BUCKET)
-    ack = await js.publish(command_subject(AGGREGATE), create_account(f"probe-{tag}"), timeout=PUBLISH_TIMEOUT)
+    probe = f"probe-{tag}"
+    ack = await js.publish(command_subject(AGGREGATE), create_account(probe), timeout=PUBLISH_TIMEOUT)
 
     async def probe_done() -> bool:
-        try:
-            entry = await results.get(str(ack.seq))
-        except KeyNotFoundError:
+        value = await read_result(nc, ack.seq, aggregate=AGGREGATE, key=probe)
+        if value is None:
             return False
-        status = json.loads(entry.value or b"{}").get("status")
+        status = json.loads(value).get("status")
         if status != "accepted":
-            raise BenchFailed(f"the probe command was {status}: {entry.value!r}")
+            raise BenchFailed(f"the probe command was {status}: {value!r}")
         return True
 
     left = max(opts.ready_timeout - (time.perf_counter() - start), 1.0)
@@ -282,11 +282,12 @@ async def daemon_history(js: JetStreamContext, outcomes: Outcomes, lag: load.Pro
     return seed_s
 
 
-async def daemon_phases(js: JetStreamContext, daemon: subprocess.Popen[bytes], opts: Options,
+async def daemon_phases(nc: NATS, daemon: subprocess.Popen[bytes], opts: Options,
                         tag: str) -> tuple[Side, DaemonExtras]:
     side = Side(plot.DAEMON)
-    ready_s = await wait_until_ready(js, daemon, opts, tag)
-    outcomes = Outcomes(await js.key_value(RESULTS_BUCKET))
+    js = nc.jetstream()
+    ready_s = await wait_until_ready(nc, daemon, opts, tag)
+    outcomes = Outcomes(nc)
     lag = load.ProjectorLag(js)
     await outcomes.start()
     try:
@@ -438,7 +439,7 @@ async def benchmark(nats_url: str, daemon: subprocess.Popen[bytes], opts: Option
     tag = uuid.uuid4().hex[:8]  # keys unique to this run
     nc: NATS = await nats.connect(nats_url, max_reconnect_attempts=3, connect_timeout=5)
     try:
-        daemon_side, extras = await daemon_phases(nc.jetstream(), daemon, opts, tag)
+        daemon_side, extras = await daemon_phases(nc, daemon, opts, tag)
     finally:
         try:
             await asyncio.wait_for(nc.close(), 10.0)

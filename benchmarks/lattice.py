@@ -43,7 +43,7 @@ from benchmarks.bench import (
     wait_until_ready,
 )
 from concordance_provider.logging import configure as configure_logging
-from concordance_provider.naming import RESULTS_BUCKET, command_subject
+from concordance_provider.naming import command_subject
 from concordance_provider.nats_server import EmbeddedNatsServer, free_port
 from tests.integration.lattice_stack import WashHost, registry
 
@@ -80,8 +80,8 @@ async def _round_trips(nats_url: str, daemon: subprocess.Popen[bytes], opts: Opt
     nc = await nats.connect(nats_url, max_reconnect_attempts=3, connect_timeout=5)
     try:
         js = nc.jetstream()
-        await wait_until_ready(js, daemon, opts, tag)
-        outcomes = Outcomes(await js.key_value(RESULTS_BUCKET))
+        await wait_until_ready(nc, daemon, opts, tag)
+        outcomes = Outcomes(nc)
         await outcomes.start()
         try:
             account = f"rt-{tag}"

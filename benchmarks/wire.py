@@ -16,11 +16,13 @@ from pathlib import Path
 from typing import Awaitable, Callable, Iterable, Iterator
 
 import nats
+from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
-from concordance_provider.naming import STATE_BUCKET, aggregate_state_key
+from concordance_provider.naming import RESULTS_BUCKET, STATE_BUCKET, aggregate_state_key, result_seq
+from concordance_provider.store.results import read_result
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFEST = Path("examples/bankaccount/app.yaml")
@@ -122,8 +124,8 @@ class Outcomes:
     QUIET_SECONDS = 2.0  # the watch silent this long: read missing outcomes directly
     READS_PER_SPELL = 100
 
-    def __init__(self, kv: KeyValue) -> None:
-        self._kv = kv
+    def __init__(self, nc: NATS) -> None:
+        self._nc = nc
         self.status: dict[int, str] = {}
         self.errors: dict[int, str] = {}
         self.seen_at: dict[int, float] = {}  # time.perf_counter() when the outcome reached this client
@@ -135,7 +137,8 @@ class Outcomes:
         self._watcher: KeyValue.KeyWatcher | None = None
 
     async def start(self) -> None:
-        self._watcher = await self._kv.watchall(ignore_deletes=True)
+        kv = await self._nc.jetstream().key_value(RESULTS_BUCKET)
+        self._watcher = await kv.watchall(ignore_deletes=True)
         self._task = asyncio.create_task(self._collect(self._watcher))
 
     def _record(self, seq: int, value: bytes) -> None:
@@ -155,17 +158,14 @@ class Outcomes:
         async for entry in watcher:
             self._watched_at = time.monotonic()
             if entry is not None and entry.value:  # None marks the end of the initial values
-                self._record(int(entry.key), entry.value)
+                self._record(result_seq(entry.key), entry.value)
 
     async def _read(self, seqs: Iterable[int]) -> None:
         for seq in list(seqs)[:self.READS_PER_SPELL]:
-            try:
-                entry = await self._kv.get(str(seq))
-            except KeyNotFoundError:
-                continue
-            if entry.value and seq not in self.seen_at:
+            value = await read_result(self._nc, seq)
+            if value is not None and seq not in self.seen_at:
                 self.read_directly += 1
-                self._record(seq, entry.value)
+                self._record(seq, value)
 
     async def arrival(self, seq: int, timeout: float) -> float:
         """When command ``seq``'s outcome reached this client (perf_counter); BenchFailed after ``timeout``."""

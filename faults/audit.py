@@ -52,13 +52,13 @@ from concordance_provider.naming import (
     DEADLETTER_PREFIX,
     DEADLETTER_STREAM,
     EVENTS_STREAM,
-    RESULTS_BUCKET,
     STATE_BUCKET,
     snake_case,
 )
 from concordance_provider.runtime import Component, RejectedByComponent
 from concordance_provider.store.events import LoggedEvent
 from concordance_provider.store.jetstream import StoredMessage, read_all
+from concordance_provider.store.results import stored_results
 from concordance_provider.wire import BadMessage, RawCommand, parse_command
 from concordance_provider.workers.base import to_component_event
 
@@ -291,15 +291,11 @@ def _said(outcome: dict[str, Any]) -> str:
 # -- waiting for the system to settle --------------------------------------------------------
 
 async def outcomes(nc: NATS, seqs: list[int], deadline: float) -> dict[int, dict]:
-    kv = await nc.jetstream().key_value(RESULTS_BUCKET)
+    """The outcomes of ``seqs`` in CC_RESULTS, read whole until all are there or ``deadline``."""
     found: dict[int, dict] = {}
     while time.monotonic() < deadline:
-        for seq in seqs:
-            if seq not in found:
-                try:
-                    found[seq] = json.loads((await kv.get(str(seq))).value)
-                except KeyNotFoundError:
-                    pass
+        stored = await stored_results(nc)
+        found = {seq: json.loads(stored[seq]) for seq in seqs if seq in stored}
         if len(found) == len(seqs):
             break
         await asyncio.sleep(0.5)
