@@ -6,6 +6,7 @@ import asyncio
 import base64
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -30,8 +31,8 @@ def example_manifest(folder: Path, additions: dict[str, str]) -> Path:
     line named in ``additions`` (e.g. ``{"NAME: bankaccount_projector": "MAX_DELIVERIES: 2"}``)."""
     text = EXAMPLE_MANIFEST.read_text().replace("file://./build/", f"file://{EXAMPLE_MANIFEST.parent}/build/")
     text = text.replace("source: ./", f"source: {EXAMPLE_MANIFEST.parent}/")
-    for anchor, value in additions.items():
-        text = text.replace(f"{anchor}\n", f"{anchor}\n              {value}\n")
+    for anchor, value in additions.items():  # the value is indented as its anchor line is
+        text = re.sub(rf"^( *){re.escape(anchor)}\n", lambda m: f"{m.group(0)}{m.group(1)}{value}\n", text, flags=re.M)
     path = folder / "app.yaml"
     path.write_text(text)
     return path

@@ -51,9 +51,9 @@ def _manifest(folder: Path) -> Path:
     projector = next(c for c in components if c["name"] == "bankaccount-projector")
     late = json.loads(json.dumps(projector))
     late["name"] = "late-projector"
-    late["traits"][0]["properties"]["values"] = {
+    late["traits"][0]["properties"]["target"]["config"] = [{"name": "late-projector-link", "properties": {
         "ROLE": "projector", "NAME": LATE, "INTEREST": "funds_deposited,wire_transfer_initiated",
-        "MAX_DELIVERIES": "2"}
+        "MAX_DELIVERIES": "2"}}]
     components.insert(components.index(projector) + 1, late)
     path.write_text(yaml.safe_dump(doc))
     return path
