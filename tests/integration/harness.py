@@ -245,10 +245,10 @@ class ProviderProcess:
     """``concordance provider`` started as a wasmCloud host starts a provider: an empty
     environment and the HostData line on stdin."""
 
-    def __init__(self, line: bytes, log_path: Path) -> None:
+    def __init__(self, line: bytes, log_path: Path, command: list[str] | None = None) -> None:
         self.log_path = log_path
         self._log = log_path.open("wb")
-        self.process = subprocess.Popen([sys.executable, "-m", "concordance_provider.cli", "provider"],
+        self.process = subprocess.Popen(command or [sys.executable, "-m", "concordance_provider.cli", "provider"],
                                         stdin=subprocess.PIPE, stdout=self._log, stderr=subprocess.STDOUT,
                                         env={}, cwd=str(log_path.parent))
         assert self.process.stdin is not None
