@@ -1,8 +1,9 @@
-"""Structured logs: JSON when not on a terminal, readable when on one."""
+"""Structured logs: JSON when not on a terminal, readable when on one; colours only on a terminal."""
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import structlog
@@ -10,7 +11,7 @@ import structlog
 
 def configure(level: str = "info", fmt: str = "auto") -> None:
     as_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
-    renderer = structlog.processors.JSONRenderer() if as_json else structlog.dev.ConsoleRenderer()
+    renderer = structlog.processors.JSONRenderer() if as_json else structlog.dev.ConsoleRenderer(colors=colours())
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -23,3 +24,9 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
+
+
+def colours() -> bool:
+    """ANSI colours only when the log goes to a terminal: a file, a pipe or a wasmCloud host's log
+    collector gets plain text. NO_COLOR (https://no-color.org) turns them off anywhere."""
+    return sys.stderr.isatty() and sys.stdout.isatty() and not os.environ.get("NO_COLOR")

@@ -53,6 +53,10 @@ def up(
     lattice: Optional[str] = typer.Option(None, help="also take links at run time on this lattice's provider "
                                                      "subjects (concordance deploy sends them there)"),
     provider_id: str = typer.Option("concordance", help="provider id in wasmbus.rpc.{lattice}.{provider_id}.*"),
+    component_dir: Optional[Path] = typer.Option(None, help="with --lattice: the only directory a link's "
+                                                 "COMPONENT_FILE may name files in (without it, COMPONENT_FILE is refused)"),
+    allow_lattice_replace: bool = typer.Option(False, help="with --lattice: let a lattice link replace or unlink a "
+                                                           "component the manifest declares"),
     results_ttl: str = typer.Option("1d", envvar="CONCORDANCE_RESULTS_TTL",
                                     help="how long CC_RESULTS keeps each command's outcome, e.g. 90s, 30m, 12h, 7d"),
     log_level: str = typer.Option("info"),
@@ -88,7 +92,8 @@ def up(
     options = NatsOptions(url=nats_url, user=user, password=password, token=token,
                           creds_file=creds, tls_ca=tls_ca, js_domain=js_domain)
     endpoint = None if lattice is None else ProviderEndpoint(
-        HostData(lattice_rpc_prefix=lattice, provider_key=provider_id, lattice_rpc_url=nats_url))
+        HostData(lattice_rpc_prefix=lattice, provider_key=provider_id, lattice_rpc_url=nats_url),
+        component_dir=component_dir, allow_replace=allow_lattice_replace)
     daemon = Daemon(options, app_manifest, health_port=health_port, stuck_after=stuck_after,
                     results_ttl=results_seconds,
                     on_connected=endpoint.start if endpoint else None, on_stopped=endpoint.finish if endpoint else None)
@@ -119,8 +124,9 @@ async def _serve(daemon: Daemon, server: EmbeddedNatsServer | None) -> None:
 def provider() -> None:
     """Run as a wasmCloud host starts a capability provider.
 
-    Reads HostData on stdin, then serves the provider subjects until the host asks for shutdown
-    (exit 0).
+    Reads HostData on stdin, then serves the provider subjects until its host asks for shutdown:
+    it answers within the host's 300 ms, then drains until the host kills it (or exits 0).
+    COMPONENT_DIR in the provider config names the directory COMPONENT_FILE may load from.
     """
     try:
         host = read_host_data(sys.stdin.readline())
