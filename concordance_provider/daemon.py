@@ -27,6 +27,7 @@ from .manifest import ComponentSpec, Manifest
 from .runtime import Component
 from .runtime.lattice import LatticeComponent
 from .runtime.wasmtime_host import Grants, WasmtimeComponent
+from .signing import Signer
 from .status import StatusReporter
 from .store.deadletters import DeadLetters
 from .store.events import EventLog
@@ -34,6 +35,7 @@ from .store.readmodel import ReadModel
 from .store.results import ResultStore
 from .store.state import StateStore
 from .store.streams import DAY, ensure_all, ensure_bucket
+from .stream_watch import StreamWatch
 from .workers.aggregate import AggregateWorker
 from .workers.base import ConsumerLoop
 from .workers.process_manager import ProcessManagerWorker
@@ -120,6 +122,7 @@ class Daemon:
     on_stopped: Callable[[], Awaitable[None]] | None = None
     stuck_after: float = 120.0  # seconds one consumer turn may take before health says stuck
     results_ttl: float = DAY  # how long CC_RESULTS keeps each command's outcome
+    signer: Signer | None = None  # signs events and state, and checks them; None: no key
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     consumers_stopped: asyncio.Event = field(default_factory=asyncio.Event)
     health: Health = field(default_factory=Health)
@@ -174,13 +177,18 @@ class Daemon:
         # Load in-process components before connecting: a broken file fails the start at once.
         loaded = await asyncio.gather(*(load_component(s, self.cache_dir) for s in initial if s.path))
         nc, js = self.nc, self.js = await self._connect()
-        self._stores = _Stores(EventLog(nc), StateStore(nc), ResultStore(js, self._aggregate_names), DeadLetters(nc))
+        self._stores = _Stores(EventLog(nc, self.signer), StateStore(nc, signer=self.signer),
+                               ResultStore(js, self._aggregate_names), DeadLetters(nc))
+        if self.signer is None:
+            log.warning("no signing key: anyone who may publish on cc.events.> or write CC_STATE can forge "
+                        "events and state")
         self.health.nc = nc
         self.health.stuck = self.stuck_consumers
         probe = asyncio.create_task(self.health.probe(self.stopping))
         router = UnroutedCommands(nc, js, self._stores.results, self._aggregate_names)
         try:
             await ensure_all(js, results_ttl=self.results_ttl)
+            self.health.watch = StreamWatch(js, self._read_model_buckets, self.results_ttl)
             preloaded = iter(loaded)
             for spec in initial:
                 await self.link(spec, next(preloaded) if spec.path else None)
@@ -191,7 +199,7 @@ class Daemon:
             if self.on_connected is not None:
                 await self.on_connected(self)
             log.info("concordance ready", application=self.application, nats=self.nats_options.safe_url,
-                     components=list(self.links), daemon=status.daemon_id)
+                     components=list(self.links), daemon=status.daemon_id, signed=self.signer is not None)
             await self.stopping.wait()
             log.info("stopping: finishing in-flight messages")
             await router.stop()
@@ -210,6 +218,10 @@ class Daemon:
         log.info("concordance stopped")
         if self._failures:
             raise DaemonFailed("; ".join(self._failures))
+
+    def _read_model_buckets(self) -> list[str]:
+        return [read_model_bucket(linked.spec.interest) for linked in self.links.values()
+                if linked.spec.interest.role in (Role.PROJECTOR, Role.NOTIFIER)]
 
     def stuck_consumers(self) -> list[str]:
         return [loop.spec.durable for linked in self.links.values() for loop in linked.loops
@@ -293,7 +305,7 @@ class Daemon:
             return [ConsumerLoop(js, agg.command_consumer(), agg.dispatch_commands),
                     ConsumerLoop(js, agg.event_consumer(), agg.dispatch_events)]
         if interest.role is Role.PROCESS_MANAGER:
-            pm = ProcessManagerWorker(interest, component, stores.states, self.nc, stores.dead)
+            pm = ProcessManagerWorker(interest, component, stores.states, self.nc, stores.dead, self.signer)
             return [ConsumerLoop(js, pm.consumer(), pm.dispatch)]
         bucket = read_model_bucket(interest)
         await ensure_bucket(js, bucket, atomic=True)

@@ -17,6 +17,7 @@ from .links import Interest, Role
 from .manifest import ComponentSpec, Manifest
 from .naming import EVENTS_STREAM
 from .runtime import Component
+from .signing import Signer
 from .store.events import EventLog
 from .store.jetstream import direct_get
 from .store.readmodel import ReadModel
@@ -57,9 +58,13 @@ async def rebuild_state(repository: AggregateRepository, key: str | None,
     return len(keys)
 
 
-def aggregate_repository(nc: NATS, interest: Interest, component: Component) -> AggregateRepository:
+def aggregate_repository(nc: NATS, interest: Interest, component: Component,
+                         signer: Signer | None = None) -> AggregateRepository:
+    """With the daemons' signing key, a rebuild folds only genuine events and signs the state it
+    writes; without it, the daemons would take that state for forged and fold the log again."""
     assert interest.stream is not None
-    return AggregateRepository(interest.name, interest.stream, component, EventLog(nc), StateStore(nc))
+    return AggregateRepository(interest.name, interest.stream, component, EventLog(nc, signer),
+                               StateStore(nc, signer=signer))
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from ..manifest import Manifest
 from ..nats_server import EmbeddedNatsServer, NatsServerError
 from ..provider import HostData, HostDataError, ProviderEndpoint, read_host_data
 from ..runtime.wasmtime_host import ComponentLoadError
+from ..signing import Signer, SigningKeyError
 from ..store.streams import IncompatibleStream
 from .common import app, duration_seconds, fail
 
@@ -59,6 +60,10 @@ def up(
                                                            "component the manifest declares"),
     results_ttl: str = typer.Option("1d", envvar="CONCORDANCE_RESULTS_TTL",
                                     help="how long CC_RESULTS keeps each command's outcome, e.g. 90s, 30m, 12h, 7d"),
+    signing_key_file: Optional[Path] = typer.Option(
+        None, envvar="CONCORDANCE_SIGNING_KEY_FILE",
+        help="a secret shared by the daemons (at least 32 bytes, readable by its owner only): events and "
+             "state are signed with it, and what does not verify is never folded or handled"),
     log_level: str = typer.Option("info"),
     log_format: str = typer.Option("auto", help="auto, json or console"),
 ) -> None:
@@ -75,6 +80,7 @@ def up(
         fail(f"--results-ttl: {exc}")
     if manifest is None and lattice is None:
         fail("nothing to run: give a manifest, or --lattice to take links at run time")
+    signer = _signer(signing_key_file)
     app_manifest: Manifest | None = None
     if manifest is not None:
         try:
@@ -95,7 +101,7 @@ def up(
         HostData(lattice_rpc_prefix=lattice, provider_key=provider_id, lattice_rpc_url=nats_url),
         component_dir=component_dir, allow_replace=allow_lattice_replace)
     daemon = Daemon(options, app_manifest, health_port=health_port, stuck_after=stuck_after,
-                    results_ttl=results_seconds,
+                    results_ttl=results_seconds, signer=signer,
                     on_connected=endpoint.start if endpoint else None, on_stopped=endpoint.finish if endpoint else None)
     try:
         asyncio.run(_serve(daemon, server))
@@ -106,6 +112,16 @@ def up(
     finally:
         if server is not None:
             server.stop()
+
+
+def _signer(key_file: Path | None) -> Signer | None:
+    """The signing key in ``key_file``, or None without one; exits with the reason if it is unusable."""
+    if key_file is None:
+        return None
+    try:
+        return Signer.from_file(key_file)
+    except SigningKeyError as exc:
+        fail(str(exc))
 
 
 async def _serve(daemon: Daemon, server: EmbeddedNatsServer | None) -> None:
@@ -138,7 +154,9 @@ def provider() -> None:
     options = NatsOptions(url=host.lattice_rpc_url, user_jwt=host.lattice_rpc_user_jwt or None,
                           user_seed=host.lattice_rpc_user_seed or None, js_domain=config.get("js_domain") or None)
     endpoint = ProviderEndpoint(host)
-    daemon = Daemon(options, on_connected=endpoint.start, on_stopped=endpoint.finish)
+    key_file = config.get("signing_key_file")
+    daemon = Daemon(options, on_connected=endpoint.start, on_stopped=endpoint.finish,
+                    signer=_signer(Path(key_file) if key_file else None))
     try:
         asyncio.run(_serve(daemon, None))
     except (IncompatibleStream, DaemonFailed) as exc:

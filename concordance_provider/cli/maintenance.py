@@ -23,6 +23,7 @@ from ..maintenance import (
 )
 from ..manifest import ManifestError, load_manifest
 from ..runtime.wasmtime_host import ComponentLoadError
+from ..signing import Signer, SigningKeyError
 from .common import NATS_URL, app, fail, nats_client, run
 
 
@@ -31,25 +32,28 @@ def rebuild(
     manifest: Path = typer.Argument(..., help="the application manifest (to load the aggregates)"),
     target: Optional[str] = typer.Argument(None, help="AGGREGATE or AGGREGATE.KEY; default: every aggregate"),
     nats_url: str = NATS_URL,
+    signing_key_file: Optional[Path] = typer.Option(
+        None, envvar="CONCORDANCE_SIGNING_KEY_FILE", help="the daemons' signing key, if they have one"),
 ) -> None:
     """Recompute CC_STATE from CC_EVENTS: state is derived data."""
     configure("warning", "console")
     try:
+        signer = Signer.from_file(signing_key_file) if signing_key_file else None
         app_manifest = load_manifest(manifest)
         targets = parse_target(target, app_manifest)
-        count = run(_rebuild(nats_url, targets))
-    except (ManifestError, MaintenanceError, ComponentLoadError) as exc:
+        count = run(_rebuild(nats_url, targets, signer))
+    except (ManifestError, MaintenanceError, ComponentLoadError, SigningKeyError) as exc:
         fail(str(exc))
     typer.echo(f"rebuilt the state of {count} instance(s)")
 
 
-async def _rebuild(url: str, targets: list) -> int:  # type: ignore[type-arg]
+async def _rebuild(url: str, targets: list, signer: Signer | None) -> int:  # type: ignore[type-arg]
     async with nats_client(url) as nc:
         count = 0
         for spec, key in targets:
             component = await load_component(spec)
             try:
-                repository = aggregate_repository(nc, spec.interest, component)
+                repository = aggregate_repository(nc, spec.interest, component, signer)
                 count += await rebuild_state(repository, key, lambda k: typer.echo(f"{spec.interest.name}.{k}"))
             finally:
                 await component.close()

@@ -3,7 +3,8 @@
 For tests of the engine's rules (milliseconds each, no server), and as the reference the contract
 suite holds the JetStream implementations to. Like JetStream, the log keeps one sequence for every
 instance, guards an append by the instance's last message, and drops a second message with the
-same id; the state store guards each write by the key's revision.
+same id; the state store guards each write by the key's revision. With a signing key, both sign
+what they write and leave out what does not verify, as the JetStream stores do.
 """
 
 from __future__ import annotations
@@ -13,14 +14,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import AsyncIterator, Sequence
 
-import structlog
-
 from ..naming import EVENT_PREFIX
-from ..wire import BadMessage
-from .mapper import MESSAGE_ID, EventMessage, LoggedEvent, from_message
-from .persistence import AlreadyAppended, AppendConflict, EventTooLarge, StateConflict, StoredState
-
-log = structlog.get_logger(__name__)
+from ..signing import SIGNATURE, Signer
+from .mapper import CAUSATION, MESSAGE_ID, EventMessage, InstanceEvents, LoggedEvent, logged_event, signed_append
+from .persistence import AlreadyAppended, AppendConflict, EventTooLarge, StateConflict, StoredState, verified_state
 
 NATS_MAX_PAYLOAD = 1024 * 1024  # the NATS server's default
 
@@ -46,6 +43,7 @@ def _instance(subject: str) -> tuple[str, str] | None:
 @dataclass
 class InMemoryEventLog:
     max_payload: int = NATS_MAX_PAYLOAD
+    signer: Signer | None = None
     messages: list[StoredMessage] = field(default_factory=list)
     _instances: dict[tuple[str, str], list[StoredMessage]] = field(default_factory=lambda: defaultdict(list))
     _message_ids: set[str] = field(default_factory=set)
@@ -72,16 +70,18 @@ class InMemoryEventLog:
 
     async def events(self, stream: str, key: str, after_seq: int = 0) -> AsyncIterator[LoggedEvent]:
         found = self._instances.get((stream, key), [])
+        reading = InstanceEvents(self.signer, after_seq)
         index = 0
         while index < len(found):  # events appended while reading are read too, as from JetStream
             stored = found[index]
             index += 1
-            if stored.seq > after_seq and (event := _decode(stored)) is not None:
+            if stored.seq > after_seq and (event := reading.event(stored)) is not None:
                 yield event
 
     async def caused_by(self, stream: str, key: str, causation: str, since: datetime) -> list[LoggedEvent]:
-        return [event async for event in self.events(stream, key)
-                if event.causation == causation and self.messages[event.seq - 1].time >= since]
+        found = [m for m in self._instances.get((stream, key), [])
+                 if m.headers.get(CAUSATION) == causation and m.time >= since]
+        return [event for m in found if (event := logged_event(m, self.signer)) is not None]
 
     async def append(self, stream: str, key: str, messages: Sequence[EventMessage], *,
                      expected_last_seq: int) -> list[int]:
@@ -95,33 +95,37 @@ class InMemoryEventLog:
             raise AppendConflict(f"wrong last sequence: {last}")
         if any(m.headers.get(MESSAGE_ID) in self._message_ids for m in messages):
             raise AlreadyAppended(f"{stream}.{key}: a message id is already stored")
-        return [self.publish(m.subject, m.data, m.headers) for m in messages]
-
-
-def _decode(stored: StoredMessage) -> LoggedEvent | None:
-    try:
-        return from_message(stored.seq, stored.subject, stored.headers, stored.data)
-    except BadMessage as exc:
-        log.error("not an event; left out of the fold", subject=stored.subject, seq=stored.seq, error=str(exc))
-        return None
+        return [self.publish(m.subject, m.data, m.headers)
+                for m in signed_append(messages, self.signer, expected_last_seq)]
 
 
 @dataclass
 class InMemoryStateStore:
-    _entries: dict[str, StoredState] = field(default_factory=dict)
+    signer: Signer | None = None
+    _entries: dict[str, tuple[StoredState, dict[str, str]]] = field(default_factory=dict)  # with headers
     _last_revision: int = 0  # one sequence for every key, as a KV bucket's stream has
     loads: int = 0
     writes: int = 0
 
     async def load(self, key: str) -> StoredState:
         self.loads += 1
-        return self._entries.get(key, StoredState(None, 0, 0))
+        found = self._entries.get(key)
+        if found is None:
+            return StoredState(None, 0, 0)
+        state, headers = found
+        return verified_state(self.signer, key, state, headers.get(SIGNATURE))
 
     async def save(self, key: str, value: str | None, event_seq: int, revision: int) -> int:
         current = self._entries.get(key)
-        if (current.revision if current else 0) != revision:
-            raise StateConflict(f"{key}: wrong last sequence: {current.revision if current else 0}")
-        self._last_revision += 1
-        self._entries[key] = StoredState(value, event_seq, self._last_revision)
+        last = current[0].revision if current else 0
+        if last != revision:
+            raise StateConflict(f"{key}: wrong last sequence: {last}")
+        headers = {} if self.signer is None else {SIGNATURE: self.signer.sign_state(key, value, event_seq)}
         self.writes += 1
+        return self.write(key, value, event_seq, headers)
+
+    def write(self, key: str, value: str | None, event_seq: int, headers: dict[str, str] | None = None) -> int:
+        """Store a record without a guard, as anyone may write to the bucket; return its revision."""
+        self._last_revision += 1
+        self._entries[key] = (StoredState(value, event_seq, self._last_revision), dict(headers or {}))
         return self._last_revision

@@ -6,7 +6,12 @@ Each has two implementations, JetStream (``store.events``, ``store.state``) and 
 - an append names the sequence it expects the instance's last message to have, and stores all of
   its messages or none;
 - a message id already stored makes the whole append a duplicate: nothing is stored;
-- a state write names the revision it expects; the first write of a key expects revision 0.
+- a state write names the revision it expects; the first write of a key expects revision 0;
+- with a signing key (``signing``), each appended event is signed with its place in the append
+  (``mapper.signed_append``) and each state record with its key and event sequence; a read leaves
+  out an event that does not verify or stands elsewhere than it was appended
+  (``mapper.InstanceEvents``), and takes a state record that does not verify for no state
+  (``verified_state``), so that it is folded again from the log.
 """
 
 from __future__ import annotations
@@ -15,7 +20,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import AsyncIterator, Protocol, Sequence
 
+import structlog
+
+from ..signing import Signer
 from .mapper import EventMessage, LoggedEvent
+
+log = structlog.get_logger(__name__)
 
 
 class Conflict(Exception):
@@ -45,8 +55,20 @@ class StoredState:
     revision: int  # guards the next write; 0 if the key was never written
 
 
+def verified_state(signer: Signer | None, key: str, state: StoredState, signature: str | None) -> StoredState:
+    """``state`` as read, or, with a key, no state (at the same revision, which guards the next
+    write) if its signature does not hold: what it claims is folded again from the log."""
+    if signer is None or signer.state_is_genuine(key, state.value, state.event_seq, signature):
+        return state
+    log.error("forged state record; ignored, the state is folded from the log", key=key,
+              revision=state.revision, claimed_event_seq=state.event_seq)
+    return StoredState(None, 0, state.revision)
+
+
 class EventLog(Protocol):
     """Every aggregate instance's events, in one sequence shared by all of them."""
+
+    signer: Signer | None  # signs what is appended and checks what is read; None: no key
 
     async def last_seq(self, stream: str, key: str) -> int:
         """Sequence of the instance's last message (event or not), 0 if it has none."""

@@ -20,6 +20,7 @@ from typing import AsyncIterator, Hashable, Sequence
 
 from ..naming import aggregate_state_key
 from ..runtime import Component, ComponentFailed
+from ..signing import Signer
 from .mapper import EventMessage, LoggedEvent, to_component
 from .persistence import EventLog, StateConflict, StateStore
 
@@ -75,6 +76,11 @@ class AggregateRepository:
         self._locks = KeyedLocks()
         self._cache: OrderedDict[str, CurrentState] = OrderedDict()
         self._cache_size = cache_size
+
+    @property
+    def signer(self) -> Signer | None:
+        """The key the log signs and checks events with, for those who check them as delivered."""
+        return self._log.signer
 
     def hold(self, key: str) -> AbstractAsyncContextManager[None]:
         """This instance to the caller alone, within this process."""

@@ -4,6 +4,8 @@ An instance's messages are those on ``cc.events.*.{stream}.{key}``; an append is
 last of them (``Nats-Expected-Last-Subject-Sequence`` with that filter). One event is one plain
 publish with the guard; several are one atomic batch (about ten times the server's work per
 commit). Reads go a page at a time with batched direct gets, so no read holds a whole history.
+With a signing key, appends and the events a gateway reports are signed, and reads leave out what
+does not verify (see ``engine.persistence``).
 """
 
 from __future__ import annotations
@@ -15,10 +17,21 @@ from typing import AsyncIterator, Sequence
 import structlog
 from nats.aio.client import Client as NATS
 
-from ..engine.mapper import CAUSATION, MESSAGE_ID, EventMessage, LoggedEvent, from_message, to_message
+from ..engine.mapper import (
+    CAUSATION,
+    MESSAGE_ID,
+    EventMessage,
+    InstanceEvents,
+    LoggedEvent,
+    logged_event,
+    signed,
+    signed_append,
+    to_message,
+)
 from ..engine.persistence import AlreadyAppended, AppendConflict, EventTooLarge
 from ..naming import EVENTS_STREAM, instance_filter, parse_event_subject, stream_filter
-from ..wire import BadMessage, CloudEvent
+from ..signing import Signer
+from ..wire import CloudEvent
 from .jetstream import (
     WRONG_LAST_SEQUENCE,
     JetStreamError,
@@ -40,24 +53,18 @@ PUBLISH_TIMEOUT = 5.0  # seconds for the stream's ack
 DUPLICATE_IN_BATCH = 10201  # an atomic batch carries a message id the stream already holds
 
 
-def _decode(msg: StoredMessage) -> LoggedEvent | None:
-    """An instance's event, or None (logged) for something that is not one: only the engine
-    appends to aggregate streams, so a foreign message there must not break the instance."""
-    try:
-        return from_message(msg.seq, msg.subject, msg.headers, msg.data)
-    except BadMessage as exc:
-        log.error("not an event; left out of the fold", subject=msg.subject, seq=msg.seq, error=str(exc))
-        return None
-
-
 def _timestamp(when: datetime) -> str:
     return when.isoformat().replace("+00:00", "Z")
 
 
 class EventLog:
-    def __init__(self, nc: NATS) -> None:
+    """Only the engine appends to aggregate streams, so a foreign message there is left out of the
+    reads (and logged) rather than break the instance."""
+
+    def __init__(self, nc: NATS, signer: Signer | None = None) -> None:
         self._nc = nc
         self._js = nc.jetstream()
+        self.signer = signer
 
     async def last_seq(self, stream: str, key: str) -> int:
         msg = await direct_get(self._nc, EVENTS_STREAM, last_by_subj=instance_filter(stream, key))
@@ -84,16 +91,17 @@ class EventLog:
                                           limit=PAGE_SIZE)
 
     async def events(self, stream: str, key: str, after_seq: int = 0) -> AsyncIterator[LoggedEvent]:
+        reading = InstanceEvents(self.signer, after_seq)
         async for page in self._pages(instance_filter(stream, key), after_seq=after_seq):
             for msg in page:
-                if (event := _decode(msg)) is not None:
+                if (event := reading.event(msg)) is not None:
                     yield event
 
     async def caused_by(self, stream: str, key: str, causation: str, since: datetime) -> list[LoggedEvent]:
         found = []
         async for page in self._pages(instance_filter(stream, key), since=since):
             for msg in page:
-                if msg.headers.get(CAUSATION) == causation and (event := _decode(msg)) is not None:
+                if msg.headers.get(CAUSATION) == causation and (event := logged_event(msg, self.signer)) is not None:
                     found.append(event)
         return found
 
@@ -103,6 +111,7 @@ class EventLog:
             "Nats-Expected-Last-Subject-Sequence": str(expected_last_seq),
             "Nats-Expected-Last-Subject-Sequence-Subject": instance_filter(stream, key),
         }
+        messages = signed_append(messages, self.signer, expected_last_seq)
         if len(messages) == 1:
             return [await self._publish_guarded(messages[0], guard)]
         try:
@@ -136,4 +145,6 @@ class EventLog:
     async def publish_one(self, event: CloudEvent, key: str, msg_id: str, causation: str) -> int:
         """An event reported by a gateway: not guarded, deduplicated by ``msg_id``."""
         message = to_message(event, key, causation, msg_id)
+        if self.signer is not None:
+            message = signed(message, self.signer)
         return await publish(self._nc, message.subject, message.data, message.headers)

@@ -130,7 +130,7 @@ class AggregateWorker:
 
     async def on_event(self, msg: Msg) -> None:
         """Bring stored state up to this event, if a crash left it behind."""
-        event = delivered_event(msg)
+        event = delivered_event(msg, self.repository.signer)
         try:
             await self.repository.catch_up(event.key, event.seq)
         except ComponentFailed as exc:

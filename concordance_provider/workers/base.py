@@ -12,6 +12,7 @@ import asyncio
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Awaitable, Callable, Collection, Hashable, Mapping, Sequence
 
 import structlog
@@ -27,7 +28,9 @@ from ..failpoints import fail_point
 from ..links import DEFAULT_ACK_WAIT_MS, Interest
 from ..naming import RETRY_FOR
 from ..runtime import ComponentUnavailable
+from ..signing import Forged, Signer
 from ..store.deadletters import DeadLetter, DeadLetters
+from ..store.jetstream import StoredMessage
 from ..wire import BadMessage
 
 log = structlog.get_logger(__name__)
@@ -82,12 +85,28 @@ def meant_for_another(msg: Msg, consumer: str) -> bool:
     return target is not None and target != consumer
 
 
-def delivered_event(msg: Msg) -> LoggedEvent:
-    """The event a consumer delivered, or Poison if it is not one (anyone may publish there)."""
+def delivered_event(msg: Msg, signer: Signer | None = None) -> LoggedEvent:
+    """The event a consumer delivered, or Poison if it is not one (anyone may publish there) or, with
+    a key, not one the daemons wrote: unsigned, altered, or a copy published again."""
+    return event_of(msg.metadata.sequence.stream, msg, signer)
+
+
+def event_of(seq: int, msg: Msg | StoredMessage, signer: Signer | None) -> LoggedEvent:
+    """``delivered_event`` for a message delivered or read from the log (``seq``: its sequence)."""
+    stored_at = msg.metadata.timestamp if isinstance(msg, Msg) else _stored_time(msg)
     try:
-        return from_message(msg.metadata.sequence.stream, msg.subject, dict(msg.headers or {}), msg.data)
+        return from_message(seq, msg.subject, dict(msg.headers or {}), msg.data, signer, stored_at)
+    except Forged as exc:
+        raise Poison(f"forged event: {exc}") from None
     except BadMessage as exc:
         raise Poison(f"not a Concordance event: {exc}") from None
+
+
+def _stored_time(msg: StoredMessage) -> datetime | None:
+    try:
+        return datetime.fromisoformat(msg.time) if msg.time else None
+    except ValueError:
+        return None
 
 
 def backoff(num_delivered: int) -> float:

@@ -28,6 +28,7 @@ from ..naming import (
     snake_case,
 )
 from ..runtime import Component, ComponentFailed, OutputCommand, RejectedByComponent
+from ..signing import Signer
 from ..store.deadletters import DeadLetters
 from ..store.jetstream import PayloadTooLarge, publish
 from ..store.state import StateStore
@@ -49,13 +50,14 @@ log = structlog.get_logger(__name__)
 
 class ProcessManagerWorker:
     def __init__(self, interest: Interest, component: Component, states: StateStore, nc: NATS,
-                 dead_letters: DeadLetters) -> None:
+                 dead_letters: DeadLetters, signer: Signer | None = None) -> None:
         assert interest.lifetime is not None and interest.key_field is not None
         self.interest = interest
         self._lifetime = interest.lifetime
         self._component = component
         self._states = states
         self._nc = nc
+        self._signer = signer  # with a key, forged events are dead-lettered, never handled
         self._logger = log.bind(component=component.name, process_manager=interest.name)
         self._settle = Settler(interest.consumer_name, component.name, interest.max_deliveries,
                                dead_letters, self._logger)
@@ -70,7 +72,7 @@ class ProcessManagerWorker:
     async def on_event(self, msg: Msg) -> None:
         if meant_for_another(msg, self.interest.consumer_name):
             return
-        event = delivered_event(msg)
+        event = delivered_event(msg, self._signer)
         # the commands this event causes continue its trace (a new one where it carried none)
         traceparent = child_of((msg.headers or {}).get(TRACEPARENT))
         logger = self._logger.bind(event_seq=event.seq, event_type=event.event_type, trace_id=trace_id(traceparent))
