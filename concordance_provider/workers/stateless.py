@@ -18,7 +18,7 @@ from typing import AbstractSet, Callable
 import structlog
 from nats.aio.msg import Msg
 
-from ..engine.mapper import LoggedEvent, from_message
+from ..engine.mapper import LoggedEvent
 from ..links import Interest, Role
 from ..naming import (
     EVENTS_STREAM,
@@ -42,10 +42,10 @@ from ..store.readmodel import MAX_KEYS_PER_GET, ReadModel
 from ..wire import BadMessage, new_event
 from .base import (
     ConsumerSpec,
-    Poison,
     Retry,
     Settler,
     consumer_for,
+    event_of,
     meant_for_another,
     to_component_event,
 )
@@ -123,10 +123,7 @@ class StatelessWorker:
         ``puts``; None for an event meant for another handler."""
         if meant_for_another(msg, self.interest.consumer_name):
             return None
-        try:
-            event = from_message(seq, msg.subject, dict(msg.headers or {}), msg.data)
-        except BadMessage as exc:  # anyone may publish on an event subject
-            raise Poison(f"not a Concordance event: {exc}") from None
+        event = event_of(seq, msg, self._events.signer)  # Poison if not an event, or forged
         effects = HandlerEffects(read=read, check_publish=self._check_publish, puts=puts)
         try:
             await self._component.apply_stateless_event(to_component_event(event), effects)
