@@ -11,6 +11,7 @@ import typer
 from nats.errors import NoRespondersError
 
 from ..naming import InvalidName, check_token, command_subject
+from ..deployed import DEPLOYED_BUCKET, deployed, live_states
 from ..status import STATUS_SUBJECT
 from ..store.results import read_result
 from ..wire import BadMessage, parse_command
@@ -95,15 +96,43 @@ def status(
     wait: float = typer.Option(1.0, help="seconds to collect answers"),
     nats_url: str = NATS_URL,
 ) -> None:
-    """Ask every daemon that shares this NATS server how it is doing."""
+    """Ask every daemon that shares this NATS server how it is doing, and list the workloads
+    `concordance deploy` placed on wasmCloud hosts, each with its state as its host tells it.
+
+    With --json, a component that runs as a deployed workload carries it under "workload"."""
     reports = run(_status(nats_url, wait))
+    workloads = run(_deployed(nats_url))
     if as_json:
-        typer.echo(json.dumps(reports, indent=2))
+        typer.echo(json.dumps(_with_workloads(reports, workloads), indent=2))
         return
-    if not reports:
-        fail(f"no daemon answered on {STATUS_SUBJECT} within {wait}s")
     for report in reports:
         typer.echo(_status_text(report))
+    if workloads:
+        typer.echo(f"workloads on wasmCloud hosts ({DEPLOYED_BUCKET})")
+        typer.echo("\n".join(_workload_text(workload) for workload in workloads))
+    if not reports:
+        fail(f"no daemon answered on {STATUS_SUBJECT} within {wait}s")
+
+
+async def _deployed(url: str) -> list[dict]:
+    async with nats_client(url) as nc:
+        workloads = await deployed(nc.jetstream())
+        states = await live_states(nc, workloads)
+        return [{**w.model_dump(), "state": state} for w, state in zip(workloads, states)]
+
+
+def _with_workloads(reports: list[dict], workloads: list[dict]) -> list[dict]:
+    by_subject = {f"nats:{w['dispatch_subject']}": w for w in workloads}
+    for component in (c for report in reports for c in report.get("components", [])):
+        if component.get("runs") in by_subject:
+            component["workload"] = by_subject[component["runs"]]
+    return reports
+
+
+def _workload_text(workload: dict) -> str:
+    return (f"  workload {workload['workload_id']} ({workload['application']} {workload['component']}): "
+            f"{workload['state']} on host {workload['host_id']}, image {workload['image']}, "
+            f"answers on {workload['dispatch_subject']}")
 
 
 async def _status(url: str, wait: float) -> list[dict]:
