@@ -13,6 +13,7 @@ from concordance_provider.engine.processor import Command, CommandProcessor
 from concordance_provider.engine.repository import AggregateRepository
 from concordance_provider.naming import aggregate_state_key
 from concordance_provider.runtime import Event
+from concordance_provider.signing import Signer
 from concordance_provider.wire import RawCommand
 
 from .bank import STREAM, FakeBank, balance
@@ -37,6 +38,11 @@ class Engine:
     def __post_init__(self) -> None:
         self.repository = AggregateRepository(NAME, STREAM, self.bank, self.log, self.states, self.cache_size)
         self.processor = CommandProcessor(self.repository, self.bank)
+
+    @classmethod
+    def signed(cls, signer: Signer) -> "Engine":
+        """An engine whose stores sign what they write with ``signer`` and check what they read."""
+        return cls(log=InMemoryEventLog(signer=signer), states=InMemoryStateStore(signer=signer))
 
     def twin(self) -> "Engine":
         """Another daemon: same stores, its own component and cache."""
