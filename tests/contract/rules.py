@@ -18,7 +18,7 @@ from fakes.bank import STREAM, balance
 from fakes.engine import NAME, Engine, command
 
 from concordance_provider import failpoints
-from concordance_provider.engine.mapper import EventMessage, LoggedEvent, to_cloud_event, to_message
+from concordance_provider.engine.mapper import EventMessage, LoggedEvent, signed, to_cloud_event, to_message
 from concordance_provider.engine.persistence import (
     AlreadyAppended,
     AppendConflict,
@@ -31,6 +31,7 @@ from concordance_provider.engine.persistence import (
 from concordance_provider.failpoints import FailpointError
 from concordance_provider.naming import aggregate_state_key
 from concordance_provider.runtime import Event
+from concordance_provider.signing import SIGNATURE, Position, Signer
 
 _ids = itertools.count(1)
 
@@ -41,6 +42,14 @@ class Backend(Protocol):
     max_payload: int
 
     async def publish(self, subject: str, data: bytes, headers: dict[str, str] | None = None) -> int: ...
+
+    def signed(self, signer: Signer) -> "Backend":
+        """The same stores, signing with ``signer`` what they write and checking what they read."""
+        ...
+
+    async def write_state(self, key: str, value: str, event_seq: int, headers: dict[str, str]) -> int:
+        """Write a state record without a guard, as anyone may write to the bucket; its revision."""
+        ...
 
 
 def message(stream: str, key: str, event_type: str = "thing_happened", *, causation: str = "test",
@@ -289,3 +298,84 @@ class ProcessorContract:
         last = await engine.log.last_seq(STREAM, key)
         await engine.twin().repository.catch_up(key, last)
         assert await self.balance(engine, key) == (3, last)
+
+
+SIGNER = Signer(b"contract-signing-key-of-32-bytes")
+
+
+class SigningContract:
+    """With a key: events are signed with their place, and what does not verify is never read."""
+
+    @pytest.fixture
+    def backend(self) -> Backend:
+        raise NotImplementedError
+
+    @pytest.fixture
+    def signing(self, backend) -> Backend:
+        return backend.signed(SIGNER)
+
+    @pytest.fixture
+    def stream(self) -> str:
+        return f"s{next(_ids)}x{uuid.uuid4().hex[:8]}"
+
+    @pytest.fixture
+    def key(self) -> str:
+        return f"agg.contract.k{next(_ids)}x{uuid.uuid4().hex[:8]}"
+
+    async def test_appended_events_are_read_back_with_their_place_in_their_append(self, signing, stream):
+        [first] = await signing.log.append(stream, "K", [message(stream, "K")], expected_last_seq=0)
+        await signing.log.append(stream, "K", [message(stream, "K"), message(stream, "K")], expected_last_seq=first)
+        assert [e.position for e in await read(signing.log, stream, "K")] == [
+            Position(0, 0), Position(first, 0), Position(first, 1)]
+
+    async def test_an_unsigned_or_altered_event_guards_appends_but_is_never_read(self, signing, stream):
+        genuine = message(stream, "K")
+        [first] = await signing.log.append(stream, "K", [genuine], expected_last_seq=0)
+        # a genuine signature on other data, under a message id of its own (else the log drops it)
+        copied = {**signed(genuine, SIGNER, Position(0, 0)).headers, "Nats-Msg-Id": f"m{uuid.uuid4().hex}"}
+        altered = await signing.publish(genuine.subject, message(stream, "K").data, copied)
+        unsigned = await signing.publish(genuine.subject, message(stream, "K").data, message(stream, "K").headers)
+        assert await signing.log.last_seq(stream, "K") == unsigned > altered > first
+        assert [e.seq for e in await read(signing.log, stream, "K")] == [first]
+        [after] = await signing.log.append(stream, "K", [message(stream, "K")], expected_last_seq=unsigned)
+        assert [e.seq for e in await read(signing.log, stream, "K")] == [first, after]
+        assert [e.seq for e in await read(signing.log, stream, "K", after_seq=first)] == [after]
+
+    async def test_a_copy_of_a_signed_event_is_dropped_or_never_read(self, signing, stream):
+        genuine = message(stream, "K")
+        [first] = await signing.log.append(stream, "K", [genuine], expected_last_seq=0)
+        [second] = await signing.log.append(stream, "K", [message(stream, "K")], expected_last_seq=first)
+        # a copy signed as the first was: JetStream drops it by its message id; the in-memory log keeps it
+        await signing.publish(genuine.subject, genuine.data, signed(genuine, SIGNER, Position(0, 0)).headers)
+        assert [e.seq for e in await read(signing.log, stream, "K")] == [first, second]
+
+    async def test_causation_lookup_finds_only_signed_events(self, signing, stream):
+        before = datetime.now(timezone.utc) - timedelta(seconds=5)
+        [genuine] = await signing.log.append(stream, "K", [message(stream, "K", causation="command:1")],
+                                             expected_last_seq=0)
+        forged = message(stream, "K", causation="command:1")
+        await signing.publish(forged.subject, forged.data, forged.headers)
+        assert [e.seq for e in await signing.log.caused_by(stream, "K", "command:1", before)] == [genuine]
+
+    async def test_an_unsigned_reader_still_reads_signed_events(self, signing, backend, stream):
+        [first] = await signing.log.append(stream, "K", [message(stream, "K")], expected_last_seq=0)
+        assert [e.seq for e in await read(backend.log, stream, "K")] == [first]
+
+    async def test_a_signed_state_is_read_back(self, signing, key):
+        revision = await signing.states.save(key, '{"n": 1}', 3, 0)
+        assert await signing.states.load(key) == StoredState('{"n": 1}', 3, revision)
+        deleted = await signing.states.save(key, None, 4, revision)
+        assert await signing.states.load(key) == StoredState(None, 4, deleted)
+
+    async def test_a_state_record_that_does_not_verify_is_no_state_at_its_revision(self, signing, key):
+        forged = await signing.write_state(key, '{"n": 1000000}', 9, {})
+        assert await signing.states.load(key) == StoredState(None, 0, forged)
+        revision = await signing.states.save(key, '{"n": 1}', 3, forged)
+        assert await signing.states.load(key) == StoredState('{"n": 1}', 3, revision)
+
+    async def test_a_signed_state_moved_to_another_key_or_sequence_does_not_verify(self, signing, key):
+        headers = {SIGNATURE: SIGNER.sign_state(key, '{"n": 1}', 3)}
+        moved = await signing.write_state(f"{key}b", '{"n": 1}', 3, headers)
+        assert await signing.states.load(f"{key}b") == StoredState(None, 0, moved)
+        repaired = await signing.write_state(key, '{"n": 1}', 4, headers)
+        assert await signing.states.load(key) == StoredState(None, 0, repaired)

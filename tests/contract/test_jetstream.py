@@ -12,10 +12,11 @@ from nats.aio.client import Client as NATS
 
 from concordance_provider.store.events import EventLog
 from concordance_provider.store.jetstream import publish
-from concordance_provider.store.state import StateStore
+from concordance_provider.signing import Signer
+from concordance_provider.store.state import EVENT_SEQUENCE, StateStore
 from concordance_provider.store.streams import ensure_all
 
-from .rules import EventLogContract, ProcessorContract, StateStoreContract
+from .rules import EventLogContract, ProcessorContract, SigningContract, StateStoreContract
 
 pytestmark = pytest.mark.integration
 
@@ -37,14 +38,21 @@ async def nc(server):
 @dataclass
 class JetStreamBackend:
     nc: NATS
+    signer: Signer | None = None
 
     def __post_init__(self) -> None:
-        self.log = EventLog(self.nc)
-        self.states = StateStore(self.nc)
+        self.log = EventLog(self.nc, self.signer)
+        self.states = StateStore(self.nc, signer=self.signer)
         self.max_payload = self.nc.max_payload
 
     async def publish(self, subject: str, data: bytes, headers: dict[str, str] | None = None) -> int:
         return await publish(self.nc, subject, data, headers)
+
+    def signed(self, signer: Signer) -> "JetStreamBackend":
+        return JetStreamBackend(self.nc, signer)
+
+    async def write_state(self, key: str, value: str, event_seq: int, headers: dict[str, str]) -> int:
+        return await publish(self.nc, f"$KV.CC_STATE.{key}", value.encode(), {EVENT_SEQUENCE: str(event_seq), **headers})
 
 
 class OnJetStream:
@@ -62,4 +70,8 @@ class TestJetStreamStateStore(OnJetStream, StateStoreContract):
 
 
 class TestProcessorOnJetStream(OnJetStream, ProcessorContract):
+    pass
+
+
+class TestSigningOnJetStream(OnJetStream, SigningContract):
     pass

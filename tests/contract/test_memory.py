@@ -8,7 +8,9 @@ import pytest
 
 from concordance_provider.engine.memory import InMemoryEventLog, InMemoryStateStore
 
-from .rules import EventLogContract, ProcessorContract, StateStoreContract
+from concordance_provider.signing import Signer
+
+from .rules import EventLogContract, ProcessorContract, SigningContract, StateStoreContract
 
 
 @dataclass
@@ -22,6 +24,14 @@ class MemoryBackend:
 
     async def publish(self, subject: str, data: bytes, headers: dict[str, str] | None = None) -> int:
         return self.log.publish(subject, data, headers)
+
+    def signed(self, signer: Signer) -> "MemoryBackend":
+        return MemoryBackend(InMemoryEventLog(signer=signer, messages=self.log.messages,
+                                              _instances=self.log._instances, _message_ids=self.log._message_ids),
+                             InMemoryStateStore(signer=signer, _entries=self.states._entries))
+
+    async def write_state(self, key: str, value: str, event_seq: int, headers: dict[str, str]) -> int:
+        return self.states.write(key, value, event_seq, headers)
 
 
 class InMemory:
@@ -39,4 +49,8 @@ class TestInMemoryStateStore(InMemory, StateStoreContract):
 
 
 class TestProcessorOnInMemoryStores(InMemory, ProcessorContract):
+    pass
+
+
+class TestSigningOnInMemoryStores(InMemory, SigningContract):
     pass
