@@ -1,7 +1,9 @@
 """Is the daemon able to do its work? Answered truthfully, and even while NATS is away.
 
-Unhealthy while the NATS connection is down, JetStream has not answered its latest probe, or a
-consumer has spent longer on one batch than `--stuck-after` allows (stuck).
+Unhealthy while the NATS connection is down, JetStream has not answered its latest probe, a
+stream or bucket the daemon cannot create again is missing (``stream_watch``), or a consumer has
+spent longer on one batch than `--stuck-after` allows (stuck). A healthy daemon's message says
+what an operator should still know (events removed from the log).
 Served on loopback HTTP (``--health-port``): ``GET /health`` gives 200 or 503 with a JSON body;
 ``GET /metrics`` the Prometheus metrics (``metrics.py``).
 """
@@ -17,6 +19,8 @@ from typing import Awaitable, Callable
 import structlog
 from nats.aio.client import Client as NATS
 
+from .stream_watch import StreamWatch
+
 log = structlog.get_logger(__name__)
 
 PROBE_SECONDS = 5.0
@@ -29,19 +33,25 @@ class Health:
     last_error: str | None = None
     since: float = field(default_factory=time.monotonic)
     stuck: Callable[[], list[str]] = lambda: []  # names of consumers that stopped making progress
+    watch: StreamWatch | None = None  # the streams and buckets, looked at on every probe
 
     def report(self) -> dict[str, object]:
         connected = self.nc is not None and self.nc.is_connected
         stuck = self.stuck() if connected and self.jetstream_ok else []
+        lost = self.watch.problems if self.watch is not None else []
+        healthy = False
         if not connected:
             message = "not connected to NATS"
         elif not self.jetstream_ok:
             message = f"JetStream not answering: {self.last_error}"
+        elif lost:
+            message = "; ".join(lost)
         elif stuck:
             message = f"consumer(s) stuck: {', '.join(stuck)}"
         else:
-            message = None
-        return {"healthy": message is None, "message": message}
+            healthy = True
+            message = "; ".join(self.watch.notes) if self.watch is not None and self.watch.notes else None
+        return {"healthy": healthy, "message": message}
 
     async def probe(self, stopping: asyncio.Event) -> None:
         """Ask JetStream for the account info every few seconds; remember whether it answered."""
@@ -50,6 +60,8 @@ class Health:
             try:
                 assert self.nc is not None
                 await self.nc.jetstream().account_info()
+                if self.watch is not None:
+                    await self.watch.check()
                 self.jetstream_ok, self.last_error = True, None
             except Exception as exc:  # noqa: BLE001 - any failure means not healthy
                 self.jetstream_ok, self.last_error = False, str(exc) or type(exc).__name__

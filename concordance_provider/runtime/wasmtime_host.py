@@ -22,6 +22,7 @@ from wasmtime.component import Linker
 
 from ..links import Role
 from .cache import default_cache_dir, load_compiled
+from .call_caps import CallBudget, OverCap
 from .component import (
     ComponentFailed,
     Decision,
@@ -127,6 +128,7 @@ class WasmtimeComponent:
         self._store: wasmtime.Store | None = None
         self._funcs: dict[str, Any] = {}
         self._effects: HandlerEffects | None = None
+        self._budget: CallBudget | None = None  # the caps on what the current call writes and publishes
         self._log = log.bind(component=name)
         self.stats = CallStats(component=name)
 
@@ -203,13 +205,25 @@ class WasmtimeComponent:
         return self._effects
 
     def _put(self, key: str, value: str | None) -> None:
-        self._current_effects().puts[key] = value
+        self._current_effects()
+        assert self._budget is not None
+        try:
+            self._budget.put(key, value)
+        except OverCap as exc:  # refused as it is made: the daemon does not hold the value
+            self._log.warning("read-model write over its cap; the call fails", key=key, error=str(exc))
+            raise
 
     def _publish(self, _store: Any, key: str, event: Any) -> str | None:
         effects = self._current_effects()
         published = _as_event(event)
         refusal = effects.check_publish(key, published)
         if refusal is None:
+            assert self._budget is not None
+            try:
+                self._budget.publish(key, published)
+            except OverCap as exc:
+                self._log.warning("publish over its cap; the call fails", key=key, error=str(exc))
+                raise
             effects.published.append((key, published))
         return refusal
 
@@ -249,6 +263,7 @@ class WasmtimeComponent:
     async def _run(self, export: str, *args: Any, effects: HandlerEffects | None = None) -> Any:
         def call() -> Any:
             self._effects = effects
+            self._budget = CallBudget(effects) if effects is not None else None
             started, error = time.perf_counter(), None
             try:
                 return self._call(export, *args)
@@ -256,7 +271,7 @@ class WasmtimeComponent:
                 error = exc
                 raise
             finally:
-                self._effects = None
+                self._effects, self._budget = None, None
                 self.stats.record(started, error, export)
 
         return await asyncio.get_running_loop().run_in_executor(self._executor, call)

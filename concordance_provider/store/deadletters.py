@@ -10,16 +10,20 @@ from __future__ import annotations
 import base64
 from datetime import datetime, timezone
 
+import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig
+from nats.errors import NoRespondersError
 from pydantic import BaseModel, Field
 
 from ..failpoints import fail_point
 from ..metrics import DEAD_LETTERS
 from ..naming import DEADLETTER_PREFIX, DEADLETTER_STREAM
 from .jetstream import StoredMessage, publish, read_all
+
+log = structlog.get_logger(__name__)
 
 
 def deadletter_config() -> StreamConfig:
@@ -68,8 +72,14 @@ class DeadLetters:
         fail_point("deadletter.before_store")
         # one dead letter per message, even if storing is retried after a lost ack
         msg_id = f"dl:{letter.stream}:{letter.stream_seq}:{letter.consumer}"
-        seq = await publish(self._nc, f"{DEADLETTER_PREFIX}.{letter.consumer}",
-                            letter.model_dump_json(exclude={"seq"}).encode(), {"Nats-Msg-Id": msg_id})
+        subject, body = f"{DEADLETTER_PREFIX}.{letter.consumer}", letter.model_dump_json(exclude={"seq"}).encode()
+        try:
+            seq = await publish(self._nc, subject, body, {"Nats-Msg-Id": msg_id})
+        except NoRespondersError:
+            # Deleted from outside: creating it again loses nothing more, and storing never ends otherwise.
+            await self._nc.jetstream().add_stream(deadletter_config())
+            log.error("stream was missing; created again", stream=DEADLETTER_STREAM, lost="the dead letters it held")
+            seq = await publish(self._nc, subject, body, {"Nats-Msg-Id": msg_id})
         DEAD_LETTERS.labels(letter.consumer).inc()
         return seq
 

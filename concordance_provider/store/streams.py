@@ -11,6 +11,7 @@ from nats.js.api import (
     RetentionPolicy,
     StorageType,
     StreamConfig,
+    StreamInfo,
 )
 from nats.js.errors import BadRequestError, NotFoundError
 
@@ -123,3 +124,15 @@ async def ensure_all(js: JetStreamContext, results_ttl: float = DAY) -> None:
     await ensure_stream(js, deadletter_config())
     await ensure_bucket(js, STATE_BUCKET)
     await ensure_bucket(js, RESULTS_BUCKET, ttl=results_ttl)
+
+
+async def stream_infos(js: JetStreamContext, names: list[str]) -> dict[str, StreamInfo | None]:
+    """Each named stream's info (``$JS.API.STREAM.INFO.{name}``), None for one that does not
+    exist; a KV bucket is the stream ``KV_{bucket}``."""
+    found: dict[str, StreamInfo | None] = {}
+    for name in names:
+        try:
+            found[name] = await js.stream_info(name)
+        except NotFoundError:
+            found[name] = None
+    return found

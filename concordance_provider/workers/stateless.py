@@ -34,6 +34,7 @@ from ..runtime import (
     HandlerEffects,
     RejectedByComponent,
 )
+from ..runtime.call_caps import OverCap, check_effects
 from ..store.deadletters import DeadLetters
 from ..store.events import EventLog
 from ..store.filtered_log import FilteredLog
@@ -127,7 +128,8 @@ class StatelessWorker:
         effects = HandlerEffects(read=read, check_publish=self._check_publish, puts=puts)
         try:
             await self._component.apply_stateless_event(to_component_event(event), effects)
-        except (RejectedByComponent, ComponentFailed) as exc:
+            check_effects(effects)  # a remote component hands its writes over with its answer
+        except (RejectedByComponent, ComponentFailed, OverCap) as exc:
             raise Retry(f"handler failed on {event.event_type}: {exc}") from None
         return Called(event, effects)
 

@@ -1,4 +1,5 @@
-"""NATS authentication and TLS against real servers configured for each; secrets stay secret."""
+"""NATS authentication and TLS against real servers configured for each; secrets stay secret; a
+component hands the host no more than the caps of one call."""
 
 from __future__ import annotations
 
@@ -15,13 +16,16 @@ from typing import Iterator
 import nats
 import pytest
 
+from concordance_provider.build import build_component
 from concordance_provider.nats_server import free_port, server_binary
 
-from .harness import daemon, kv_json, result, send
+from .harness import client, daemon, eventually, events, events_of_stream, kv_json, nats_server, result, send
 
 pytestmark = pytest.mark.integration
 
-MANIFEST = Path(__file__).resolve().parents[2] / "examples" / "bankaccount" / "app.yaml"
+ROOT = Path(__file__).resolve().parents[2]
+MANIFEST = ROOT / "examples" / "bankaccount" / "app.yaml"
+TEST_BUILD = ROOT / "tests" / "components" / "build"
 PASSWORD = "correct-horse-battery-staple"
 TOKEN = "t0ken-that-must-not-leak"
 
@@ -184,3 +188,116 @@ async def test_jwt_and_nkey_seed_creds_file(example_components, tmp_path):
         assert seed not in process.log_path.read_text()
         refused = _refused(url, tmp_path)  # no credentials
         assert "authorization" in refused.lower()
+
+
+HOARDER = """\
+apiVersion: core.oam.dev/v1beta1
+kind: Application
+metadata: {name: hoarder}
+spec:
+  components:
+    - name: hoarder
+      type: component
+      properties: {image: "file://%(wasm)s"}
+      traits:
+        - type: link
+          properties:
+            target: concordance
+            values: {ROLE: %(role)s, NAME: hoarder, INTEREST: hoard_asked, MAX_MEMORY_MB: "64", MAX_DELIVERIES: "2"}
+"""
+
+
+def _ask(number: int, **asked: int) -> bytes:
+    return json.dumps({"specversion": "1.0", "id": f"ask-{number}", "type": "hoard_asked", "source": "test",
+                       "time": "2026-01-01T00:00:00Z", "x-concordance-stream": "asks", "data": asked}).encode()
+
+
+def _memory_mib(pid: int) -> dict[str, float]:
+    """The process's resident memory now (VmRSS) and at its peak so far (VmHWM), in MiB."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    return {name: int(fields[name].split()[0]) / 1024 for name in ("VmRSS", "VmHWM")}
+
+
+@pytest.mark.parametrize("role", ["projector", "notifier"])
+async def test_read_model_writes_over_their_caps_fail_the_call_and_are_not_held(tmp_path, role):
+    """40 values of 8 MB from a component limited to 64 MB: the first is refused as it is handed
+    over, so the daemon's peak memory does not grow by what the component asked it to keep."""
+    wasm = TEST_BUILD / "hoarder.wasm"
+    build_component(ROOT / "tests" / "components" / "hoarder", "stateless-handler", wasm)
+    manifest = tmp_path / "app.yaml"
+    manifest.write_text(HOARDER % {"wasm": wasm, "role": role})
+    consumer = f"{'PROJ' if role == 'projector' else 'NOTIFIER'}_hoarder"
+    with nats_server(tmp_path) as server, daemon(manifest, tmp_path / "d.log", "--nats-url", server.url) as process:
+        async with client(server.url) as nc:
+            js = nc.jetstream()
+            first = await js.publish("cc.events.hoard_asked.asks.A0", _ask(0, puts=3, size=1000))
+            checkpoint = lambda: kv_json(nc, "CC_RM_hoarder", f"_cc.checkpoint.{consumer}")  # noqa: E731
+            assert await eventually(checkpoint, first.seq) == first.seq
+            before = _memory_mib(process.process.pid)
+            asks = {
+                "read-model value for key 'hoard.0' is over the cap of 1048576 bytes per value "
+                "(8000000 characters or more)": _ask(1, puts=40, size=8_000_000),
+                "read-model write of key 'hoard.8' brings this call's writes to 4718592 bytes, over the cap "
+                "of 4194304": _ask(2, puts=40, size=512 * 1024),
+                "read-model write of key 'hoard.999' is over the cap of 999 keys per call": _ask(3, puts=1200, size=1),
+            }
+            expected = {(await js.publish(f"cc.events.hoard_asked.asks.B{n}", body)).seq: reason
+                        for n, (reason, body) in enumerate(asks.items())}
+            last = await js.publish("cc.events.hoard_asked.asks.A9", _ask(9, puts=1, size=10))
+
+            async def letters() -> list[dict]:
+                return await events_of_stream(nc, "CC_DEADLETTER", f"cc.deadletter.{consumer}")
+
+            found = await eventually(letters, lambda found: len(found) == len(expected), timeout=90)
+            after = _memory_mib(process.process.pid)
+            reasons = {d["stream_seq"]: d["reason"] for d in found}
+            for seq, reason in expected.items():
+                assert reasons[seq] == (f"handler failed on hoard_asked: component 'hoarder' failed in "
+                                        f"apply-stateless-event: {reason} (after 2 attempts)"), reasons[seq]
+            assert await eventually(checkpoint, last.seq) == last.seq  # the handler went on
+            written = await (await js.key_value("CC_RM_hoarder")).get("hoard.0")
+            assert written.value == b"x" * 10  # and wrote the next event
+        over = [entry for entry in process.logs() if entry.get("event") == "read-model write over its cap; the call fails"]
+        assert {(entry["component"], entry["key"]) for entry in over} == {
+            ("hoarder", "hoard.0"), ("hoarder", "hoard.8"), ("hoarder", "hoard.999")}
+        assert process.process.poll() is None
+    print(f"daemon memory in MiB before {before}, after {after}")
+    # The guest's own 64 MB and one value in passing, not the 320 MB it asked the daemon to keep.
+    assert after["VmHWM"] - before["VmHWM"] < 160, (before, after)
+
+
+async def test_events_published_over_their_caps_fail_the_call(tmp_path):
+    wasm = TEST_BUILD / "hoarder.wasm"
+    build_component(ROOT / "tests" / "components" / "hoarder", "stateless-handler", wasm)
+    manifest = tmp_path / "app.yaml"
+    manifest.write_text(HOARDER % {"wasm": wasm, "role": "notifier"})
+    with nats_server(tmp_path) as server, daemon(manifest, tmp_path / "d.log", "--nats-url", server.url) as process:
+        async with client(server.url) as nc:
+            js = nc.jetstream()
+            asks = {
+                "event 'hoarded' for key 'H100' is over the cap of 100 events published per call":
+                    _ask(1, publish=150),
+                "event 'hoarded' for key 'H0' has a payload over the cap of 1048576 bytes (2000012 characters "
+                "or more)": _ask(2, publish=1, publish_size=2_000_000),
+                "event 'hoarded' for key 'H4' brings this call's events to 5000060 bytes, over the cap of "
+                "4194304": _ask(3, publish=5, publish_size=1_000_000),
+            }
+            expected = {(await js.publish(f"cc.events.hoard_asked.asks.B{n}", body)).seq: reason
+                        for n, (reason, body) in enumerate(asks.items())}
+            last = await js.publish("cc.events.hoard_asked.asks.A9", _ask(9, publish=2, publish_size=10))
+
+            async def letters() -> list[dict]:
+                return await events_of_stream(nc, "CC_DEADLETTER", "cc.deadletter.NOTIFIER_hoarder")
+
+            found = await eventually(letters, lambda found: len(found) == len(expected), timeout=90)
+            reasons = {d["stream_seq"]: d["reason"] for d in found}
+            for seq, reason in expected.items():
+                assert reasons[seq] == (f"handler failed on hoard_asked: component 'hoarder' failed in "
+                                        f"apply-stateless-event: {reason} (after 2 attempts)"), reasons[seq]
+            checkpoint = lambda: kv_json(nc, "CC_RM_hoarder", "_cc.checkpoint.NOTIFIER_hoarder")  # noqa: E731
+            assert await eventually(checkpoint, last.seq) == last.seq
+            # only the last event's two events were published: nothing of a call that failed
+            published = await events(nc, "cc.events.hoarded.>")
+            assert [subject for subject, _ in published] == ["cc.events.hoarded.hoard.H0", "cc.events.hoarded.hoard.H1"]
+        over = [entry for entry in process.logs() if entry.get("event") == "publish over its cap; the call fails"]
+        assert {entry["key"] for entry in over} == {"H100", "H0", "H4"}
