@@ -36,6 +36,7 @@ class UnroutedCommands:
         self._results = results
         self._served = served  # aggregates this daemon handles: nothing to check
         self._pending: set[str] = set()
+        self._again: set[str] = set()  # a command came while its aggregate's sweep ran: sweep once more
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
@@ -49,7 +50,10 @@ class UnroutedCommands:
         self._schedule(_aggregate_of(msg.subject))
 
     def _schedule(self, aggregate: str) -> None:
-        if aggregate in self._pending or aggregate in self._served:
+        if aggregate in self._served:
+            return
+        if aggregate in self._pending:
+            self._again.add(aggregate)
             return
         self._pending.add(aggregate)
         task = asyncio.create_task(self._sweep(aggregate))
@@ -81,6 +85,9 @@ class UnroutedCommands:
             log.warning("could not answer unrouted commands", aggregate=aggregate, error=str(exc))
         finally:
             self._pending.discard(aggregate)
+            if aggregate in self._again:
+                self._again.discard(aggregate)
+                self._schedule(aggregate)
 
     async def stop(self) -> None:
         for task in list(self._tasks):
