@@ -1,0 +1,118 @@
+"""With a signing key, a client who may publish on cc.events.> and write CC_STATE forges nothing:
+the bank example on a real nats-server, a forged event and a forged state, a daemon started afresh."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from concordance_provider.signing import SIGNATURE
+
+from .harness import client, daemon, events, events_of_stream, eventually, kv_json, nats_server, result, send
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+MANIFEST = ROOT / "examples" / "bankaccount" / "app.yaml"
+COMMANDS = ROOT / "examples" / "bankaccount" / "commands"
+ACCOUNT = "ABC123"
+STATE_KEY = f"agg.bankaccount.{ACCOUNT}"
+
+
+def _command(name: str) -> dict:
+    return json.loads((COMMANDS / f"{name}.json").read_text())
+
+
+def _signing_key(folder: Path) -> Path:
+    path = folder / "signing.key"
+    path.write_text(secrets.token_hex(32) + "\n")
+    os.chmod(path, 0o600)
+    return path
+
+
+async def _projected(nc) -> int | None:
+    found = await kv_json(nc, "CC_RM_bankaccount_projector", f"balance.{ACCOUNT}")
+    return found and found["balance"]
+
+
+async def _forgery_letters(nc, seq: int) -> dict[str, str]:
+    """Consumer -> reason, of the dead letters of CC_EVENTS message ``seq``."""
+    found = await events_of_stream(nc, "CC_DEADLETTER", "cc.deadletter.>")
+    return {d["consumer"]: d["reason"] for d in found if (d["stream"], d["stream_seq"]) == ("CC_EVENTS", seq)}
+
+
+async def test_a_forged_event_and_a_forged_state_change_nothing(example_components, tmp_path):
+    key = _signing_key(tmp_path)
+    with nats_server(tmp_path) as server:
+        args = ("--nats-url", server.url, "--signing-key-file", str(key))
+        async with client(server.url) as nc:
+            js = nc.jetstream()
+            with daemon(MANIFEST, tmp_path / "first.log", *args):
+                for name in ("create_account_cmd", "deposit_cmd_1", "deposit_cmd_2", "withdraw_cmd_1",
+                             "wire_cmd_commits"):
+                    assert (await result(nc, await send(nc, "bankaccount", _command(name))))["status"] == "accepted"
+                # the wire transfer goes through the process manager and the gateway, signed all the way
+                assert await eventually(lambda: _projected(nc), 4500) == 4500
+                assert (await kv_json(nc, "CC_STATE", STATE_KEY))["balance"] == 4500
+
+                # a client copies a stored deposit, its signature header included, and makes it a million
+                subject = f"cc.events.funds_deposited.bankaccount.{ACCOUNT}"
+                genuine = await js.get_last_msg("CC_EVENTS", subject)
+                assert SIGNATURE in genuine.headers
+                body = json.loads(genuine.data)
+                body.update(id=str(uuid.uuid4()), source="mallory", data={**body["data"], "amount": 1_000_000})
+                copied = {k: v for k, v in genuine.headers.items() if not k.startswith("Nats-")}  # not its guard
+                forged = await js.publish(subject, json.dumps(body).encode(),
+                                          headers={**copied, "Nats-Msg-Id": uuid.uuid4().hex})
+                # and an unsigned answer of the other bank for a transfer nobody made
+                answer = await js.publish("cc.events.wire_transfer_succeeded.interbank.WT-666", json.dumps({
+                    "specversion": "1.0", "id": str(uuid.uuid4()), "type": "wire_transfer_succeeded",
+                    "source": "mallory", "time": body["time"], "x-concordance-stream": "interbank",
+                    "data": {"wireTransferId": "WT-666", "accountNumber": ACCOUNT, "amount": 1}}).encode())
+
+                letters = await eventually(lambda: _forgery_letters(nc, forged.seq), lambda f: len(f) == 2)
+                assert sorted(letters) == ["AGG_EVT_bankaccount", "PROJ_bankaccount_projector"]
+                assert all(r == "forged event: event signature does not verify" for r in letters.values()), letters
+                pm_letters = await eventually(lambda: _forgery_letters(nc, answer.seq), lambda f: len(f) == 1)
+                assert pm_letters == {"PM_interbankxfer": "forged event: event is not signed"}
+
+                # then a state of five million, claiming to have folded the instance's last message
+                state = await kv_json(nc, "CC_STATE", STATE_KEY)
+                await js.publish(f"$KV.CC_STATE.{STATE_KEY}", json.dumps({**state, "balance": 5_000_000}).encode(),
+                                 headers={"Concordance-Event-Sequence": str(forged.seq)})
+
+            # a daemon started afresh has no state in memory: it reads the forged record
+            with daemon(MANIFEST, tmp_path / "second.log", *args) as second:
+                withdrawal = {"command_type": "withdraw_funds", "key": ACCOUNT,
+                              "data": {"accountNumber": ACCOUNT, "amount": 900_000, "customerId": "CUSTBOB"}}
+                outcome = await result(nc, await send(nc, "bankaccount", withdrawal))
+                assert outcome["status"] == "rejected" and "insufficient funds" in outcome["error"], outcome
+                deposit = {"command_type": "deposit_funds", "key": ACCOUNT,
+                           "data": {"accountNumber": ACCOUNT, "amount": 100, "customerId": "CUSTBOB"}}
+                assert (await result(nc, await send(nc, "bankaccount", deposit)))["status"] == "accepted"
+                assert (await kv_json(nc, "CC_STATE", STATE_KEY))["balance"] == 4600
+                assert await eventually(lambda: _projected(nc), 4600) == 4600
+                logged = {entry["event"] for entry in second.logs()}
+                assert "forged state record; ignored, the state is folded from the log" in logged
+                assert "forged event; left out" in logged
+            stored = [body for _, body in await events(nc, f"cc.events.*.bankaccount.{ACCOUNT}")]
+            assert [e["source"] for e in stored].count("mallory") == 1  # stored, never folded
+
+
+def test_an_unusable_signing_key_stops_the_start_with_the_reason(tmp_path):
+    key = tmp_path / "signing.key"
+    key.write_text(secrets.token_hex(32))
+    os.chmod(key, 0o644)
+    done = subprocess.run([sys.executable, "-m", "concordance_provider.cli", "up", str(MANIFEST),
+                           "--nats-url", "nats://127.0.0.1:1", "--signing-key-file", str(key)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip() == (f"error: signing key file {key} may be read by others (mode 0644); "
+                                   f"make it private: chmod 600 {key}")
