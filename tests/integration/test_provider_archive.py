@@ -11,6 +11,7 @@ import subprocess
 import sys
 import urllib.request
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import nats
@@ -71,44 +72,66 @@ async def _ask(nc, subject: str, body: object, timeout: float = 30) -> bytes:
     return (await nc.request(subject, data, timeout=timeout)).data
 
 
-async def test_archive_pushed_pulled_verified_and_run_as_a_host_runs_it(example_components, tmp_path):
-    output = tmp_path / "concordance.par.gz"
-    with registry(tmp_path / "registry") as address:
+@dataclass(frozen=True)
+class Built:
+    output: Path
+    pulled: bytes
+    issuer_seed: str
+    subject_seed: str
+    stdout: str
+
+    def executable(self, folder: Path) -> Path:
+        """The target's binary where a host puts it (its cache, mode 0755), ready to exec."""
+        path = folder / "wasmcloudcache" / "NHOST" / "concordance_0_1_0"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(read_archive(self.pulled).binaries["x86_64-linux"])
+        path.chmod(0o755)
+        return path
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Built:
+    """The archive built by the CLI, pushed to a real registry and pulled back from it."""
+    folder = tmp_path_factory.mktemp("par")
+    output = folder / "concordance.par.gz"
+    with registry(folder / "registry") as address:
         reference = Reference.parse(f"{address}/concordance:0.1.0")
-        built = _build(tmp_path, "-o", str(output), "--push", str(reference))
-        assert built.returncode == 0, built.stderr
-        assert f"pushed {reference}" in built.stdout
-
-        # Seeds were made, kept private, and never printed.
-        seeds = {kind: tmp_path / f"concordance_{kind}.nk" for kind in ("account", "service")}
-        for path in seeds.values():
-            assert stat.S_IMODE(path.stat().st_mode) == 0o600
-            assert path.read_text().strip() not in built.stdout + built.stderr
-        issuer_seed, subject_seed = (seeds[k].read_text().strip() for k in ("account", "service"))
-
+        done = _build(folder, "-o", str(output), "--push", str(reference))
+        assert done.returncode == 0, done.stderr
+        assert f"pushed {reference}" in done.stdout
         pulled = RegistryClient(address, insecure=True).pull_archive(reference)
-        assert pulled == output.read_bytes()
         manifest = _registry_manifest(address, reference)
-        assert manifest["config"]["mediaType"] == "application/vnd.wasmcloud.provider.archive.config"
-        assert [layer["mediaType"] for layer in manifest["layers"]] == [
-            "application/vnd.wasmcloud.provider.archive.layer.v1+par"]
-    for archive in (read_archive_file(output), read_archive(pulled)):
-        _check_format(archive, issuer_seed, subject_seed)
+    assert manifest["config"]["mediaType"] == "application/vnd.wasmcloud.provider.archive.config"
+    assert [layer["mediaType"] for layer in manifest["layers"]] == [
+        "application/vnd.wasmcloud.provider.archive.layer.v1+par"]
+    seeds = [folder / f"concordance_{kind}.nk" for kind in ("account", "service")]
+    for path in seeds:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    return Built(output, pulled, seeds[0].read_text().strip(), seeds[1].read_text().strip(),
+                 done.stdout + done.stderr)
 
-    # A second build signs with the same keys, read from the seed files.
-    again = _build(tmp_path, "-o", str(tmp_path / "concordance.par"), "--issuer-seed", str(seeds["account"]),
-                   "--subject-seed", str(seeds["service"]))
+
+def test_the_archive_from_the_file_and_from_the_registry_keeps_every_rule(built):
+    assert built.pulled == built.output.read_bytes()
+    for archive in (read_archive_file(built.output), read_archive(built.pulled)):
+        _check_format(archive, built.issuer_seed, built.subject_seed)
+    assert built.issuer_seed not in built.stdout and built.subject_seed not in built.stdout
+
+
+def test_a_second_build_signs_with_the_keys_in_the_seed_files(built, tmp_path):
+    folder = built.output.parent
+    again = _build(tmp_path, "-o", str(tmp_path / "concordance.par"), "--issuer-seed",
+                   str(folder / "concordance_account.nk"), "--subject-seed", str(folder / "concordance_service.nk"))
     assert again.returncode == 0, again.stderr
     rebuilt = read_archive_file(tmp_path / "concordance.par")
     assert not rebuilt.compressed
-    _check_format(rebuilt, issuer_seed, subject_seed)
+    _check_format(rebuilt, built.issuer_seed, built.subject_seed)
+    assert rebuilt.claims.sub == read_archive(built.pulled).claims.sub
 
-    # The host copies the target's binary out of the archive (mode 0755) and execs it.
-    executable = tmp_path / "wasmcloudcache" / HOST_ID / "concordance_0_1_0"
-    executable.parent.mkdir(parents=True)
-    executable.write_bytes(read_archive(pulled).binaries["x86_64-linux"])
-    executable.chmod(0o755)
-    await _serve_the_bank_scenario(executable, example_components, tmp_path)
+
+async def test_the_executable_serves_the_provider_protocol_with_no_arguments_and_no_environment(
+        built, example_components, tmp_path):
+    await _serve_the_bank_scenario(built.executable(tmp_path), example_components, tmp_path)
 
 
 async def _serve_the_bank_scenario(executable: Path, components: dict[str, Path], tmp_path: Path) -> None:
