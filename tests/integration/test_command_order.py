@@ -65,8 +65,10 @@ async def finished(nc: NATS, seqs: dict[str, int]) -> bool:
     return True
 
 
-async def deposits_after_each_ack(nc: NATS, account: str) -> list[int]:
-    return [await send(nc, "bankaccount", deposit(account, amount)) for amount in DEPOSITS]
+async def deposits_after_each_ack(nc: NATS, account: str, mixed: bool) -> list[int]:
+    """``mixed``: every other deposit on the key's own subject, ``cc.commands.bankaccount.{account}``."""
+    return [await send(nc, "bankaccount", deposit(account, amount), key=account if mixed and i % 2 == 0 else None)
+            for i, amount in enumerate(DEPOSITS)]
 
 
 def wait_for_crash(process: DaemonProcess) -> float:
@@ -78,9 +80,10 @@ def wait_for_crash(process: DaemonProcess) -> float:
     return crashed_at
 
 
-@pytest.mark.parametrize("daemons", [1, 2, 3])
+@pytest.mark.parametrize("daemons, mixed", [(1, False), (2, False), (3, False), (2, True)],
+                         ids=["1", "2", "3", "2-both-subjects"])
 async def test_commands_held_by_a_crashed_daemon_come_before_later_commands_of_their_key(
-        example_components, tmp_path: Path, daemons: int) -> None:
+        example_components, tmp_path: Path, daemons: int, mixed: bool) -> None:
     manifest = example_manifest(tmp_path, {})
     with nats_server(tmp_path) as server:
         args = ("--nats-url", server.url, "--log-level", "debug")
@@ -103,7 +106,7 @@ async def test_commands_held_by_a_crashed_daemon_come_before_later_commands_of_t
             try:
                 for process in successors:
                     process.wait_ready()
-                sent = await asyncio.gather(*(deposits_after_each_ack(nc, a) for a in ACCOUNTS))
+                sent = await asyncio.gather(*(deposits_after_each_ack(nc, a, mixed) for a in ACCOUNTS))
                 deposits = dict(zip(ACCOUNTS, sent))
 
                 outcomes = {seq: await result(nc, seq, timeout=60) for seqs in deposits.values() for seq in seqs}
