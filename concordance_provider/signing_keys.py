@@ -29,7 +29,7 @@ class KeyKind(Enum):
 
     @property
     def letter(self) -> str:
-        return "AV"[self is KeyKind.SERVICE]
+        return "V" if self is KeyKind.SERVICE else "A"
 
 
 class NKeyError(ValueError):
