@@ -46,6 +46,21 @@ def _signing_key(path: Path, kind: KeyKind) -> SigningKey:
     return key
 
 
+def _check_python(python: Path) -> None:
+    """Refuse an interpreter here that cannot run the provider; one that is only on the hosts (the
+    archive may be built elsewhere) is named in a warning instead."""
+    if python.is_absolute() and not python.exists():
+        typer.echo(f"warning: {python} is not on this machine, so it was not checked: it must exist on the "
+                   f"hosts, with concordance-provider installed", err=True)
+        return
+    try:
+        installed = check_interpreter(python)
+    except ArchiveError as exc:
+        fail(str(exc))
+    if installed != __version__:
+        typer.echo(f"warning: {python} runs concordance-provider {installed}, not {__version__}", err=True)
+
+
 @app.command("provider-archive")
 def provider_archive(
     output: Path = typer.Option(..., "-o", "--output", help="the archive to write: gzip-compressed if the name "
@@ -82,12 +97,7 @@ def provider_archive(
             reference = Reference.parse(push)
         except ValueError as exc:
             fail(str(exc))
-    try:
-        installed = check_interpreter(python)
-    except ArchiveError as exc:
-        fail(str(exc))
-    if installed != __version__:
-        typer.echo(f"warning: {python} runs concordance-provider {installed}, not {__version__}", err=True)
+    _check_python(python)
     issuer = _signing_key(issuer_seed or _seed_path(output, KeyKind.ACCOUNT), KeyKind.ACCOUNT)
     subject = _signing_key(subject_seed or _seed_path(output, KeyKind.SERVICE), KeyKind.SERVICE)
     executable = launcher(python)

@@ -170,10 +170,22 @@ async def _projected(nc):
     return doc and doc["balance"]
 
 
-def test_a_missing_interpreter_is_refused_before_anything_is_written(tmp_path):
-    built = _build(tmp_path, "-o", str(tmp_path / "p.par.gz"), "--python", str(tmp_path / "nowhere" / "python"))
-    assert built.returncode == 2 and "cannot be run" in built.stderr and "Traceback" not in built.stderr
-    assert list(tmp_path.iterdir()) == []
+def test_an_interpreter_that_cannot_run_the_provider_is_refused_before_anything_is_written(tmp_path):
+    bare = tmp_path / "bin" / "python"
+    bare.parent.mkdir()
+    bare.write_text("#!/bin/sh\necho 'ModuleNotFoundError: No module named concordance_provider' >&2\nexit 1\n")
+    bare.chmod(0o755)
+    refused = _build(tmp_path, "-o", str(tmp_path / "p.par.gz"), "--python", str(bare))
+    assert refused.returncode == 2 and "cannot import concordance_provider" in refused.stderr
+    assert "Traceback" not in refused.stderr and sorted(p.name for p in tmp_path.iterdir()) == ["bin"]
+
+
+def test_an_interpreter_only_on_the_hosts_is_named_in_a_warning(tmp_path):
+    elsewhere = str(tmp_path / "on-the-hosts" / "bin" / "python")
+    built = _build(tmp_path, "-o", str(tmp_path / "p.par.gz"), "--python", elsewhere)
+    assert built.returncode == 0 and f"warning: {elsewhere} is not on this machine" in built.stderr
+    launcher = read_archive_file(tmp_path / "p.par.gz").binaries["x86_64-linux"].decode()
+    assert f"PYTHON={elsewhere}\n" in launcher
 
 
 def test_a_seed_of_the_wrong_kind_is_refused(tmp_path):
