@@ -18,7 +18,6 @@ carries a ``Concordance-Signature`` header: a MAC of its content and of its posi
 from __future__ import annotations
 
 import base64
-import hashlib
 import hmac
 import stat
 import time
@@ -64,11 +63,8 @@ class Seal:
 
 def _mac(key: bytes, *parts: bytes) -> str:
     """One MAC over several fields, each length-prefixed so that no two field lists collide."""
-    digest = hmac.new(key, digestmod=hashlib.sha256)
-    for part in parts:
-        digest.update(len(part).to_bytes(8, "big"))
-        digest.update(part)
-    return base64.urlsafe_b64encode(digest.digest()).decode().rstrip("=")
+    text = b"".join(len(part).to_bytes(8, "big") + part for part in parts)
+    return base64.urlsafe_b64encode(hmac.digest(key, text, "sha256")).decode().rstrip("=")
 
 
 def _fields(text: str) -> dict[str, str]:
