@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -14,7 +15,9 @@ from ..naming import (
     RETRY_FOR,
     retry_subject,
 )
-from ..store.deadletters import DeadLetters
+from ..engine.mapper import CAUSATION, MESSAGE_ID
+from ..signing import SIGNATURE, Forged, Signer, SigningKeyError
+from ..store.deadletters import DeadLetter, DeadLetters
 from ..store.jetstream import publish
 from .common import NATS_URL, App, app, fail, nats_client, run
 
@@ -53,12 +56,19 @@ def deadletters_show(seq: int, nats_url: str = NATS_URL) -> None:
 
 
 @deadletters.command("retry")
-def deadletters_retry(seq: int, nats_url: str = NATS_URL) -> None:
+def deadletters_retry(seq: int, nats_url: str = NATS_URL, signing_key_file: Optional[Path] = typer.Option(
+        None, envvar="CONCORDANCE_SIGNING_KEY_FILE", help="the daemons' signing key, if they have one")) -> None:
     """Send a dead message again, exactly once, and remove the dead letter.
 
     A command goes back to its subject. An event goes back to its subject with the suffix
     `.retry`, for the one consumer that failed it: other handlers skip it, aggregates never fold it.
+    With the daemons' signing key, a dead event is sent again only if it is genuine, signed anew.
     """
+    try:
+        signer = Signer.from_file(signing_key_file) if signing_key_file else None
+    except SigningKeyError as exc:
+        fail(str(exc))
+
     async def work(nc, store):  # type: ignore[no-untyped-def]
         letter = await store.get(seq)
         if letter is None:
@@ -71,6 +81,8 @@ def deadletters_retry(seq: int, nats_url: str = NATS_URL) -> None:
             subject = retry_subject(letter.subject) if not letter.subject.endswith(".retry") else letter.subject
             kept = {k: v for k, v in letter.headers.items() if not k.startswith("Nats-")}
             headers = {**kept, **headers, RETRY_FOR: letter.consumer}
+            if signer is not None:
+                headers[SIGNATURE] = _signed_again(signer, letter, subject, headers)
         new_seq = await publish(nc, subject, letter.body, headers)
         await store.remove(nc.jetstream(), seq)
         return subject, new_seq
@@ -80,6 +92,16 @@ def deadletters_retry(seq: int, nats_url: str = NATS_URL) -> None:
     except RetryRefused as exc:
         fail(str(exc))
     typer.echo(f"dead letter {seq} sent again on {subject} as {new_seq}")
+
+
+def _signed_again(signer: Signer, letter: DeadLetter, subject: str, headers: dict[str, str]) -> str:
+    """The signature of a genuine dead event sent again on ``subject``; RetryRefused for a forged one."""
+    try:
+        signer.verify_event(letter.subject, letter.headers.get(MESSAGE_ID), letter.headers.get(CAUSATION),
+                            letter.body, letter.headers.get(SIGNATURE))
+    except Forged as exc:
+        raise RetryRefused(f"dead letter {letter.seq} is not an event the daemons wrote ({exc}); not sent again")
+    return signer.sign_event(subject, headers[MESSAGE_ID], headers.get(CAUSATION, ""), letter.body)
 
 
 @deadletters.command("purge")

@@ -16,6 +16,8 @@ import pytest
 from concordance_provider.signing import SIGNATURE
 
 from .harness import client, daemon, events, events_of_stream, eventually, kv_json, nats_server, result, send
+from .test_event_retry import LATE_BUCKET, LATE_CONSUMER
+from .test_event_retry import _manifest as late_projector_manifest
 
 pytestmark = pytest.mark.integration
 
@@ -116,3 +118,51 @@ def test_an_unusable_signing_key_stops_the_start_with_the_reason(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip() == (f"error: signing key file {key} may be read by others (mode 0644); "
                                    f"make it private: chmod 600 {key}")
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "concordance_provider.cli", *args], capture_output=True,
+                          text=True, timeout=60)
+
+
+async def test_a_dead_event_is_sent_again_only_if_genuine_and_then_signed_anew(example_components, tmp_path):
+    """A second projector that knows no account dead-letters the account's deposit and transfer."""
+    key = _signing_key(tmp_path)
+    account = "SIGNED1"
+    with nats_server(tmp_path) as server, daemon(late_projector_manifest(tmp_path), tmp_path / "d.log",
+                                                  "--nats-url", server.url, "--signing-key-file", str(key)):
+        async with client(server.url) as nc:
+            for body in ({"command_type": "create_account", "key": account, "data": {
+                              "accountNumber": account, "initialBalance": 5000, "customerId": "C"}},
+                         {"command_type": "deposit_funds", "key": account, "data": {
+                              "accountNumber": account, "amount": 300, "customerId": "C"}},
+                         {"command_type": "wire_funds", "key": account, "data": {
+                              "accountNumber": account, "amount": 1200, "customerId": "C", "wireTransactionId": "WT-S1",
+                              "targetRoutingNumber": "123456789", "targetAccountNumber": "OTHER-1"}}):
+                assert (await result(nc, await send(nc, "bankaccount", body)))["status"] == "accepted"
+
+            async def dead() -> dict[str, str]:  # event type -> dead letter sequence, of the late projector
+                listed = _cli("deadletters", "list", "--consumer", LATE_CONSUMER, "--nats-url", server.url)
+                return {line.split("\t")[2].split(".")[2]: line.split("\t")[0] for line in listed.stdout.splitlines()}
+
+            letters = await eventually(dead, lambda found: len(found) == 2)
+            await (await nc.jetstream().key_value(LATE_BUCKET)).put(f"balance.{account}", json.dumps({
+                "accountNumber": account, "customerId": "C", "balance": 0, "reserved": 0, "entries": 0}).encode())
+
+            signed = _cli("deadletters", "retry", letters["funds_deposited"], "--nats-url", server.url,
+                          "--signing-key-file", str(key))
+            assert signed.returncode == 0, signed.stderr
+            late = lambda: kv_json(nc, LATE_BUCKET, f"balance.{account}")  # noqa: E731
+            assert (await eventually(late, lambda b: b["balance"] == 300))["balance"] == 300
+
+            unsigned = _cli("deadletters", "retry", letters["wire_transfer_initiated"], "--nats-url", server.url)
+            assert unsigned.returncode == 0, unsigned.stderr
+            copy_seq = int(unsigned.stdout.split()[-1])
+            found = await eventually(lambda: _forgery_letters(nc, copy_seq), lambda f: LATE_CONSUMER in f)
+            assert found[LATE_CONSUMER] == "forged event: event signature does not verify"
+
+            refused = _cli("deadletters", "retry", (await dead())["wire_transfer_initiated"], "--nats-url", server.url,
+                           "--signing-key-file", str(key))
+            assert refused.returncode == 2
+            assert "is not an event the daemons wrote (event signature does not verify); not sent again" in refused.stderr
+            assert (await late())["balance"] == 300
