@@ -212,9 +212,9 @@ async def test_command_for_unknown_aggregate_is_answered_and_removed_from_the_qu
     async with client(url) as nc:
         js = nc.jetstream()
         seq = await send(nc, "spaceship", {"command_type": "launch", "key": "S1", "data": {}})
-        outcome = await result(nc, seq)
+        outcome = await result(nc, seq, aggregate="spaceship", key="S1")  # under its aggregate and key
         assert is_valid(outcome.pop("traceparent"))
-        assert outcome == {"status": "rejected", "aggregate": "spaceship", "events": [],
+        assert outcome == {"status": "rejected", "aggregate": "spaceship", "key": "S1", "events": [],
                            "error": "no aggregate named 'spaceship' is linked; command discarded"}
 
         async def still_stored() -> bool:
