@@ -15,7 +15,19 @@ import pytest
 
 from concordance_provider.signing import SIGNATURE
 
-from .harness import client, daemon, events, events_of_stream, eventually, kv_json, nats_server, result, send
+from .harness import (
+    ProviderProcess,
+    client,
+    daemon,
+    events,
+    events_of_stream,
+    eventually,
+    host_data_line,
+    kv_json,
+    nats_server,
+    result,
+    send,
+)
 from .test_event_retry import LATE_BUCKET, LATE_CONSUMER
 from .test_event_retry import _manifest as late_projector_manifest
 
@@ -118,6 +130,26 @@ def test_an_unusable_signing_key_stops_the_start_with_the_reason(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip() == (f"error: signing key file {key} may be read by others (mode 0644); "
                                    f"make it private: chmod 600 {key}")
+
+
+def test_a_provider_takes_its_signing_key_file_from_its_config(tmp_path):
+    short = tmp_path / "short.key"
+    short.write_text("too short\n")
+    os.chmod(short, 0o600)
+    with nats_server(tmp_path) as server:
+        refused = ProviderProcess(host_data_line(server.url, "default", "concordance", [],
+                                                 config={"SIGNING_KEY_FILE": str(short)}), tmp_path / "refused.log")
+        assert refused.wait() == 2
+        assert f"signing key file {short} holds 9 bytes; a key needs at least 32" in refused.log_path.read_text()
+        provider = ProviderProcess(host_data_line(server.url, "default", "concordance", [],
+                                                  config={"SIGNING_KEY_FILE": str(_signing_key(tmp_path))}),
+                                   tmp_path / "provider.log")
+        try:
+            provider.wait_ready()
+            [ready] = [entry for entry in provider.logs() if entry.get("event") == "concordance ready"]
+            assert ready["signed"] is True
+        finally:
+            provider.stop()
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
