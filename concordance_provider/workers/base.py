@@ -253,10 +253,42 @@ class ConsumerLoop:
                     self.in_flight = []
                     keeper.cancel()
         finally:
+            await release(sub)
+
+
+async def release(sub: Any, within: float = 2.0) -> int:
+    """End a pull subscription so that nothing waits for the ack wait once the process is gone.
+
+    The server keeps delivering to a pull request until it expires, and a message handed back
+    while one is open comes straight back to it. So interest ends first (an UNSUB and a round
+    trip, as draining does), and every message that still reaches the inbox meanwhile is handed
+    back, for another daemon or the next start to take at once. Returns how many.
+    """
+    inbox = sub._sub  # nats-py's core subscription on the inbox the server delivers to
+    handed = 0
+    try:
+        draining = asyncio.create_task(inbox.drain())
+    except Exception:  # noqa: BLE001 - connection closed or draining: nothing more can come
+        return 0
+    deadline = time.monotonic() + within
+    try:
+        while time.monotonic() < deadline:
             try:
-                await sub.unsubscribe()
-            except Exception:
-                pass
+                msg = await inbox.next_msg(timeout=0.05)
+            except Exception:  # noqa: BLE001 - nothing queued (or the subscription is gone)
+                if draining.done():
+                    break
+                continue
+            if msg.reply and msg.reply.startswith("$JS.ACK."):  # not a status message
+                await hand_back(msg)
+                handed += 1
+    finally:
+        if not draining.done():
+            draining.cancel()
+        await asyncio.gather(draining, return_exceptions=True)
+    if handed:
+        log.info("messages handed back on stopping", count=handed)
+    return handed
 
 
 async def hand_back(msg: Msg, delay: float | None = None) -> None:
