@@ -30,7 +30,7 @@ from .runtime.wasmtime_host import Grants, WasmtimeComponent
 from .signing import Signer
 from .status import StatusReporter
 from .store.deadletters import DeadLetters
-from .store.events import EventLog
+from .store.events import EventLog, require_duplicate_window
 from .store.readmodel import ReadModel
 from .store.results import ResultStore
 from .store.state import StateStore
@@ -188,6 +188,8 @@ class Daemon:
         router = UnroutedCommands(nc, js, self._stores.results, self._aggregate_names)
         try:
             await ensure_all(js, results_ttl=self.results_ttl)
+            if self.signer is not None:
+                await require_duplicate_window(js)
             self.health.watch = StreamWatch(js, self._read_model_buckets, self.results_ttl)
             preloaded = iter(loaded)
             for spec in initial:

@@ -16,6 +16,7 @@ from typing import AsyncIterator, Sequence
 
 import structlog
 from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
 
 from ..engine.mapper import (
     CAUSATION,
@@ -30,7 +31,7 @@ from ..engine.mapper import (
 )
 from ..engine.persistence import AlreadyAppended, AppendConflict, EventTooLarge
 from ..naming import EVENTS_STREAM, instance_filter, parse_event_subject, stream_filter
-from ..signing import Signer
+from ..signing import REPLAY_WINDOW, Signer
 from ..wire import CloudEvent
 from .jetstream import (
     WRONG_LAST_SEQUENCE,
@@ -43,6 +44,7 @@ from .jetstream import (
     publish,
     publish_atomic,
 )
+from .streams import IncompatibleStream
 
 log = structlog.get_logger(__name__)
 
@@ -148,3 +150,14 @@ class EventLog:
         if self.signer is not None:
             message = signed(message, self.signer)
         return await publish(self._nc, message.subject, message.data, message.headers)
+
+
+async def require_duplicate_window(js: JetStreamContext) -> None:
+    """With a signing key, CC_EVENTS must drop a copy of an event by its message id for longer than
+    consumers take it for fresh (``signing.REPLAY_WINDOW``); IncompatibleStream otherwise."""
+    window = (await js.stream_info(EVENTS_STREAM)).config.duplicate_window or 0
+    if window < REPLAY_WINDOW.total_seconds():
+        raise IncompatibleStream(
+            f"stream {EVENTS_STREAM} drops duplicates for {window:.0f} s; with a signing key it must for at "
+            f"least {REPLAY_WINDOW.total_seconds():.0f} s, or a copy of an event could be taken for new: "
+            f"nats stream edit {EVENTS_STREAM} --dupe-window 24h")

@@ -9,11 +9,13 @@ import secrets
 import subprocess
 import sys
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from concordance_provider.signing import SIGNATURE
+from concordance_provider.store.streams import events_config
 
 from .harness import (
     ProviderProcess,
@@ -150,6 +152,19 @@ def test_a_provider_takes_its_signing_key_file_from_its_config(tmp_path):
             assert ready["signed"] is True
         finally:
             provider.stop()
+
+
+async def test_a_signing_daemon_refuses_an_event_log_that_keeps_duplicates_out_too_briefly(example_components, tmp_path):
+    with nats_server(tmp_path) as server:
+        async with client(server.url) as nc:
+            await nc.jetstream().add_stream(replace(events_config(), duplicate_window=120.0))
+        done = subprocess.run([sys.executable, "-m", "concordance_provider.cli", "up", str(MANIFEST), "--nats-url",
+                               server.url, "--signing-key-file", str(_signing_key(tmp_path))],
+                              capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == ("error: stream CC_EVENTS drops duplicates for 120 s; with a signing key it must "
+                                   "for at least 3600 s, or a copy of an event could be taken for new: nats stream "
+                                   "edit CC_EVENTS --dupe-window 24h")
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
