@@ -268,6 +268,7 @@ CLIENT_COMMANDS = [
     ("deadletters", "purge", "--yes"),
     ("rebuild", str(MANIFEST)),
     ("replay", str(MANIFEST), "bankaccount_projector"),
+    ("undeploy", str(MANIFEST)),
 ]
 
 
