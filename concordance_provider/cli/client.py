@@ -153,7 +153,8 @@ async def _status(url: str, wait: float) -> list[dict]:
 def _status_text(report: dict) -> str:
     health = report.get("health", {})
     lines = [f"daemon {report.get('daemon')} ({report.get('application')}) "
-             f"{'healthy' if health.get('healthy') else 'UNHEALTHY: ' + str(health.get('message'))}"]
+             f"{'healthy' if health.get('healthy') else 'UNHEALTHY: ' + str(health.get('message'))}"
+             f"{' (' + health['message'] + ')' if health.get('healthy') and health.get('message') else ''}"]
     for component in report.get("components", []):
         latency = component.get("latency") or {}
         lines.append(f"  component {component['name']}: {component['interest']['role']} {component['interest']['name']}"
