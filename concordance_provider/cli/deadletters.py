@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from nats.js.errors import NotFoundError
 
 from ..naming import (
     COMMANDS_STREAM,
@@ -28,14 +29,27 @@ app.add_typer(deadletters, name="deadletters")
 
 async def _with_store(url: str, work):  # type: ignore[no-untyped-def]
     async with nats_client(url) as nc:
+        try:
+            await nc.jetstream().stream_info(DEADLETTER_STREAM)
+        except NotFoundError:
+            raise Refused(f"stream {DEADLETTER_STREAM} does not exist: no daemon has used this server yet, "
+                               f"or it was deleted (a running daemon creates it again within seconds)") from None
         return await work(nc, DeadLetters(nc))
+
+
+def _run(work):  # type: ignore[no-untyped-def]
+    """``run``, with a refusal (a dead letter or its stream that is not there) said in one line."""
+    try:
+        return run(work)
+    except Refused as exc:
+        fail(str(exc))
 
 
 @deadletters.command("list")
 def deadletters_list(consumer: Optional[str] = typer.Option(None, help="only this consumer's"),
                      nats_url: str = NATS_URL) -> None:
     """One line per dead letter: sequence, consumer, original subject, deliveries, reason."""
-    letters = run(_with_store(nats_url, lambda nc, store: store.list(consumer)))
+    letters = _run(_with_store(nats_url, lambda nc, store: store.list(consumer)))
     for letter in letters:
         typer.echo(f"{letter.seq}\t{letter.consumer}\t{letter.subject}\t{letter.deliveries}\t{letter.reason}")
     typer.echo(f"{len(letters)} dead letter(s)", err=True)
@@ -44,7 +58,7 @@ def deadletters_list(consumer: Optional[str] = typer.Option(None, help="only thi
 @deadletters.command("show")
 def deadletters_show(seq: int, nats_url: str = NATS_URL) -> None:
     """The whole dead letter as JSON, with its body decoded when it is text."""
-    letter = run(_with_store(nats_url, lambda nc, store: store.get(seq)))
+    letter = _run(_with_store(nats_url, lambda nc, store: store.get(seq)))
     if letter is None:
         fail(f"no dead letter {seq}")
     shown = letter.model_dump()
@@ -72,9 +86,9 @@ def deadletters_retry(seq: int, nats_url: str = NATS_URL, signing_key_file: Opti
     async def work(nc, store):  # type: ignore[no-untyped-def]
         letter = await store.get(seq)
         if letter is None:
-            raise RetryRefused(f"no dead letter {seq}")
+            raise Refused(f"no dead letter {seq}")
         if letter.consumer.startswith("AGG_EVT_"):
-            raise RetryRefused(f"dead letter {seq} is aggregate state catch-up: run concordance rebuild instead")
+            raise Refused(f"dead letter {seq} is aggregate state catch-up: run concordance rebuild instead")
         headers = {"Nats-Msg-Id": f"retry:{seq}"}
         subject = letter.subject
         if letter.stream != COMMANDS_STREAM:
@@ -87,20 +101,17 @@ def deadletters_retry(seq: int, nats_url: str = NATS_URL, signing_key_file: Opti
         await store.remove(nc.jetstream(), seq)
         return subject, new_seq
 
-    try:
-        subject, new_seq = run(_with_store(nats_url, work))
-    except RetryRefused as exc:
-        fail(str(exc))
+    subject, new_seq = _run(_with_store(nats_url, work))
     typer.echo(f"dead letter {seq} sent again on {subject} as {new_seq}")
 
 
 def _signed_again(signer: Signer, letter: DeadLetter, subject: str, headers: dict[str, str]) -> str:
-    """The signature of a genuine dead event sent again on ``subject``; RetryRefused for a forged one."""
+    """The signature of a genuine dead event sent again on ``subject``; Refused for a forged one."""
     try:
         signer.verify_event(letter.subject, letter.headers.get(MESSAGE_ID), letter.headers.get(CAUSATION),
                             letter.body, letter.headers.get(SIGNATURE))
     except Forged as exc:
-        raise RetryRefused(f"dead letter {letter.seq} is not an event the daemons wrote ({exc}); not sent again")
+        raise Refused(f"dead letter {letter.seq} is not an event the daemons wrote ({exc}); not sent again")
     return signer.sign_event(subject, headers[MESSAGE_ID], headers.get(CAUSATION, ""), letter.body)
 
 
@@ -116,11 +127,11 @@ def deadletters_purge(consumer: Optional[str] = typer.Option(None, help="only th
     async def work(nc, store):  # type: ignore[no-untyped-def]
         return await nc.jetstream().purge_stream(DEADLETTER_STREAM, subject=subject)
 
-    run(_with_store(nats_url, work))
+    _run(_with_store(nats_url, work))
     typer.echo("purged")
 
 
-class RetryRefused(Exception):
-    pass
+class Refused(Exception):
+    """A dead letter, or its stream, that the command cannot act on."""
 
 

@@ -156,3 +156,13 @@ async def test_events_purged_from_outside_are_reported_while_the_daemon_stays_he
             assert outcome["status"] == "accepted", outcome
             shown = await asyncio.to_thread(_status, server.url)
             assert "2 event(s) were removed from CC_EVENTS" in shown, shown
+
+
+def test_dead_letter_commands_say_when_their_stream_is_missing(tmp_path):
+    with nats_server(tmp_path) as server:
+        for command in (["list"], ["show", "1"], ["retry", "1"], ["purge", "--yes"]):
+            done = subprocess.run([sys.executable, "-m", "concordance_provider.cli", "deadletters", *command,
+                                   "--nats-url", server.url], capture_output=True, text=True, timeout=60)
+            assert done.returncode == 2, done.stderr
+            assert done.stderr.startswith("error: stream CC_DEADLETTER does not exist: no daemon has used this "
+                                          "server yet, or it was deleted"), done.stderr
