@@ -22,6 +22,7 @@ from .store.events import EventLog
 from .store.jetstream import direct_get
 from .store.readmodel import ReadModel
 from .store.state import StateStore
+from .store.streams import ensure_bucket
 from .workers.stateless import StatelessWorker, read_model_bucket
 
 log = structlog.get_logger(__name__)
@@ -92,6 +93,7 @@ async def reset_handler(nc: NATS, interest: Interest, start: ReplayStart) -> int
     bucket = read_model_bucket(interest)
     model = ReadModel(nc, bucket, name)
     if start.from_scratch:
+        await ensure_bucket(js, bucket, atomic=True)  # a read model deleted from outside is made again here
         await js.purge_stream(f"KV_{bucket}")
     else:
         first = start.seq or await _first_seq_at(nc, start.time)

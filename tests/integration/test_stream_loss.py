@@ -126,6 +126,16 @@ async def test_a_lost_source_of_truth_or_read_model_makes_the_daemon_unhealthy_n
             # not created again behind the operator's back: an empty one would be taken for the real one
             assert lost not in [info.config.name for info in await js.streams_info()]
             assert process.process.poll() is None
+            if lost.startswith("KV_CC_RM_"):  # replay makes the read model again, from the log
+                replay = await asyncio.to_thread(
+                    subprocess.run, [sys.executable, "-m", "concordance_provider.cli", "replay", str(EXAMPLE_MANIFEST),
+                                     "bankaccount_projector", "--nats-url", server.url],
+                    capture_output=True, text=True, timeout=120)
+                assert replay.returncode == 0, replay.stderr
+                assert await _until_health(health_port, 200) == {"healthy": True, "message": None}
+                rebuilt = await kv_json(nc, "CC_RM_bankaccount_projector", f"balance.{ACCOUNT}")
+                assert rebuilt["balance"] == 1000, rebuilt
+                await logged(process, "stream back")
         rate = _lines_per_second(process)
         assert rate <= 10, f"{rate} log lines a second while {lost} is missing"
 
