@@ -3,12 +3,45 @@
 from __future__ import annotations
 
 import base64
+import re
 import ssl
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, SecretStr
+
+_URL_CREDENTIALS = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]*@")
+
+
+def redact(text: str) -> str:
+    """``text`` with the user and password taken out of every URL in it, for logs and errors."""
+    return _URL_CREDENTIALS.sub(r"\1", text)
+
+
+class SecretError(ValueError):
+    """A secret file that cannot be read, or holds nothing."""
+
+
+def read_secret_file(path: Path, what: str) -> SecretStr:
+    """The secret a file holds (its first line, without the line break); a clear error if the file
+    cannot be read or holds nothing. Files keep secrets off the command line, where every local
+    user reads them in /proc/PID/cmdline."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SecretError(f"{what} {path}: cannot read it: {exc.strerror or exc}") from None
+    secret = text.split("\n", 1)[0].rstrip("\r")
+    if not secret:
+        raise SecretError(f"{what} {path} is empty: its first line is the secret")
+    return SecretStr(secret)
+
+
+def one_secret(value: str | None, path: Path | None, what: str) -> SecretStr | None:
+    """A secret from its file if one is named, else from its value (a flag or the environment)."""
+    if path is not None:
+        return read_secret_file(path, f"{what} file")
+    return SecretStr(value) if value else None
 
 
 class NatsOptions(BaseModel):
@@ -21,13 +54,14 @@ class NatsOptions(BaseModel):
     user_seed: SecretStr | None = None
     tls_ca: Path | None = None
     js_domain: str | None = None
+    inbox_prefix: str | None = None  # a user's own inboxes, e.g. _INBOX_alice, instead of _INBOX
 
     @property
     def safe_url(self) -> str:
         """The URL without any user:password in it, for logs."""
-        parsed = urlsplit(self.url)
-        return parsed._replace(netloc=parsed.hostname + (f":{parsed.port}" if parsed.port else "")).geturl() \
-            if parsed.username or parsed.password else self.url
+        if "://" not in self.url:  # nats-py takes user:password@host:port too
+            return redact(f"nats://{self.url}").removeprefix("nats://")
+        return redact(self.url)
 
     def connect_kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"servers": [self.url], "max_reconnect_attempts": -1, "reconnect_time_wait": 1}
@@ -42,6 +76,8 @@ class NatsOptions(BaseModel):
             kwargs.update(self._jwt_callbacks(self.user_jwt.get_secret_value(), self.user_seed.get_secret_value()))
         if self.tls_ca:
             kwargs["tls"] = ssl.create_default_context(cafile=str(self.tls_ca))
+        if self.inbox_prefix:
+            kwargs["inbox_prefix"] = self.inbox_prefix
         return kwargs
 
     @staticmethod

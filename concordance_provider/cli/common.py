@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import os
 import re
 import sys
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Callable, Coroutine, NoReturn, TypeVar
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Coroutine, NoReturn, Optional, TypeVar
 from urllib.parse import urlsplit
 
 import nats
 import typer
 
 from .. import __version__
-from ..config import NatsOptions
+from ..config import NatsOptions, SecretError, one_secret, redact
 from ..daemon import connect
 from ..store.jetstream import JetStreamError
 
@@ -35,13 +38,52 @@ def _one_paragraph_per_line(text: str | None) -> str | None:
     return "\n\n".join(re.sub(r"\s*\n\s*", " ", p.strip()) for p in paragraphs)
 
 
+# How every client command logs in to NATS, as `up` does; secrets come from files or the
+# environment (NATS_PASSWORD, NATS_TOKEN), never from the command line.
+CONNECTION_OPTIONS: dict[str, tuple[Any, Any]] = {
+    "user": (Optional[str], typer.Option(None, "--user", envvar="NATS_USER", help="NATS user")),
+    "password_file": (Optional[Path], typer.Option(None, "--password-file", envvar="NATS_PASSWORD_FILE",
+                                                   help="file holding the NATS password (or NATS_PASSWORD)")),
+    "token_file": (Optional[Path], typer.Option(None, "--token-file", envvar="NATS_TOKEN_FILE",
+                                                help="file holding the NATS token (or NATS_TOKEN)")),
+    "creds": (Optional[Path], typer.Option(None, "--creds", envvar="NATS_CREDS",
+                                           help="NATS credentials file (JWT + nkey seed)")),
+    "tls_ca": (Optional[Path], typer.Option(None, "--tls-ca", envvar="NATS_CA",
+                                            help="CA certificate to verify the NATS server")),
+    "inbox_prefix": (Optional[str], typer.Option(None, "--inbox-prefix", envvar="NATS_INBOX_PREFIX",
+                                                 help="this user's inboxes, e.g. _INBOX_alice (see `nats-config`)")),
+}
+_connection: ContextVar[dict[str, Any]] = ContextVar("connection", default={})
+
+
+def _with_connection_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    """A command that talks to NATS (it takes ``nats_url``) also takes the connection options;
+    they are kept for ``nats_client`` while the command runs, so each command need not pass them on.
+    A command that declares them itself (``up``) is left as it is."""
+    signature = inspect.signature(function)
+    if "nats_url" not in signature.parameters or CONNECTION_OPTIONS.keys() & signature.parameters.keys():
+        return function
+
+    @functools.wraps(function)
+    def command(*args: Any, **kwargs: Any) -> Any:
+        _connection.set({name: kwargs.pop(name) for name in CONNECTION_OPTIONS})
+        return function(*args, **kwargs)
+
+    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind)
+             for name, (kind, option) in CONNECTION_OPTIONS.items()]
+    command.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[*signature.parameters.values(), *extra])
+    return command
+
+
 class App(typer.Typer):
-    """A Typer app whose commands take their help from their docstrings, one line per paragraph."""
+    """A Typer app whose commands take their help from their docstrings, one line per paragraph,
+    and the connection options when they talk to NATS."""
 
     def command(self, *args: Any, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         def register(function: Callable[..., Any]) -> Callable[..., Any]:
             kwargs.setdefault("help", _one_paragraph_per_line(function.__doc__))
-            return super(App, self).command(*args, **kwargs)(function)
+            return super(App, self).command(*args, **kwargs)(_with_connection_options(function))
 
         return register
 
@@ -79,18 +121,40 @@ async def reachable(options: NatsOptions) -> None:
     writer.close()
 
 
+def client_options(url: str) -> NatsOptions:
+    """The running command's connection: its options, else the environment (NATS_USER,
+    NATS_PASSWORD or NATS_PASSWORD_FILE, NATS_TOKEN or NATS_TOKEN_FILE, NATS_CREDS, NATS_CA,
+    NATS_INBOX_PREFIX)."""
+    given, env = _connection.get(), os.environ.get
+    path = lambda name, var: given.get(name) or (Path(env(var)) if env(var) else None)  # noqa: E731
+    password_file, token_file = path("password_file", "NATS_PASSWORD_FILE"), path("token_file", "NATS_TOKEN_FILE")
+    try:
+        password = one_secret(env("NATS_PASSWORD"), password_file, "password")
+        token = one_secret(env("NATS_TOKEN"), token_file, "token")
+    except SecretError as exc:
+        fail(str(exc))
+    return NatsOptions(url=url, user=given.get("user") or env("NATS_USER"), password=password, token=token,
+                       creds_file=path("creds", "NATS_CREDS"), tls_ca=path("tls_ca", "NATS_CA"),
+                       inbox_prefix=given.get("inbox_prefix") or env("NATS_INBOX_PREFIX"))
+
+
+_refused: list[str] = []  # what the server refused this command: a request then only times out
+
+
+async def _note_refusal(exc: Exception) -> None:
+    if "permissions violation" in str(exc).lower():
+        _refused.append(str(exc).removeprefix("nats: "))
+
+
 @asynccontextmanager
 async def nats_client(url: str) -> AsyncIterator[nats.aio.client.Client]:
-    """A client connection for the commands, closed after use; credentials come from the
-    environment (NATS_USER and NATS_PASSWORD, NATS_TOKEN, NATS_CREDS, NATS_CA), never from argv."""
-    env = os.environ.get
-    options = NatsOptions(url=url, user=env("NATS_USER"), password=env("NATS_PASSWORD"), token=env("NATS_TOKEN"),
-                          creds_file=env("NATS_CREDS"), tls_ca=env("NATS_CA"))
+    """A client connection for the commands, closed after use; see ``client_options``."""
+    options = client_options(url)
     await reachable(options)
     try:
-        nc, _ = await asyncio.wait_for(connect(options), CLIENT_CONNECT_SECONDS)
+        nc, _ = await asyncio.wait_for(connect(options, error_cb=_note_refusal), CLIENT_CONNECT_SECONDS)
     except (OSError, asyncio.TimeoutError) as exc:
-        reason = str(exc) or f"no answer within {CLIENT_CONNECT_SECONDS:.0f}s"
+        reason = redact(str(exc)) or f"no answer within {CLIENT_CONNECT_SECONDS:.0f}s"
         fail(f"cannot reach NATS at {options.safe_url}: {reason}")
     try:
         yield nc
@@ -102,9 +166,12 @@ def run(work: Coroutine[Any, Any, T]) -> T:
     """Run a client command's coroutine; a NATS error or timeout ends it with one line, not a traceback."""
     try:
         return asyncio.run(work)
-    except (nats.errors.Error, JetStreamError) as exc:
-        fail(f"NATS: {exc}")
-    except (asyncio.TimeoutError, TimeoutError):
+    except (nats.errors.Error, JetStreamError, asyncio.TimeoutError, TimeoutError) as exc:
+        if _refused:  # the cause of the timeout, or of an error that followed it
+            fail(f"NATS refused this user: {_refused[0]} (subjects in lower case, as nats-py reports them); "
+                 f"see `concordance nats-config` for what each user may do")
+        if isinstance(exc, (nats.errors.Error, JetStreamError)) and not isinstance(exc, nats.errors.TimeoutError):
+            fail(f"NATS: {redact(str(exc))}")
         fail("NATS did not answer in time")
 
 

@@ -12,7 +12,7 @@ import typer
 
 from .. import __version__
 from ..build import BuildError, build_component
-from ..config import NatsOptions
+from ..config import NatsOptions, SecretError, one_secret, redact
 from ..daemon import Daemon, DaemonFailed
 from ..logging import configure
 from ..manifest import ManifestError, load_manifest
@@ -39,8 +39,14 @@ def up(
     nats_url: Optional[str] = typer.Option(None, envvar="NATS_URL",
                                            help="use this NATS server instead of starting one"),
     user: Optional[str] = typer.Option(None, envvar="NATS_USER"),
-    password: Optional[str] = typer.Option(None, envvar="NATS_PASSWORD"),
-    token: Optional[str] = typer.Option(None, envvar="NATS_TOKEN"),
+    password: Optional[str] = typer.Option(None, envvar="NATS_PASSWORD", help="visible to every local user in the "
+                                           "process list: prefer --password-file, or NATS_PASSWORD"),
+    password_file: Optional[Path] = typer.Option(None, envvar="NATS_PASSWORD_FILE",
+                                                 help="file whose first line is the NATS password"),
+    token: Optional[str] = typer.Option(None, envvar="NATS_TOKEN", help="visible to every local user in the "
+                                        "process list: prefer --token-file, or NATS_TOKEN"),
+    token_file: Optional[Path] = typer.Option(None, envvar="NATS_TOKEN_FILE",
+                                              help="file whose first line is the NATS token"),
     creds: Optional[Path] = typer.Option(None, envvar="NATS_CREDS", help="NATS credentials file (JWT + nkey seed)"),
     tls_ca: Optional[Path] = typer.Option(None, envvar="NATS_CA", help="CA certificate to verify the NATS server"),
     js_domain: Optional[str] = typer.Option(None, help="JetStream domain"),
@@ -87,6 +93,11 @@ def up(
             app_manifest = load_manifest(manifest)
         except ManifestError as exc:
             fail(str(exc))
+    try:
+        password_secret = one_secret(password, password_file, "password")
+        token_secret = one_secret(token, token_file, "token")
+    except SecretError as exc:
+        fail(str(exc))
     server = None
     if nats_url is None:
         server = EmbeddedNatsServer(state_dir.resolve(), port)
@@ -95,7 +106,7 @@ def up(
         except NatsServerError as exc:
             fail(str(exc))
         nats_url = server.url
-    options = NatsOptions(url=nats_url, user=user, password=password, token=token,
+    options = NatsOptions(url=nats_url, user=user, password=password_secret, token=token_secret,
                           creds_file=creds, tls_ca=tls_ca, js_domain=js_domain)
     endpoint = None if lattice is None else ProviderEndpoint(
         HostData(lattice_rpc_prefix=lattice, provider_key=provider_id, lattice_rpc_url=nats_url),
@@ -108,7 +119,7 @@ def up(
     except (ComponentLoadError, IncompatibleStream, DaemonFailed, LinkError) as exc:
         fail(str(exc))
     except OSError as exc:
-        fail(f"cannot reach NATS at {options.safe_url}: {exc}")
+        fail(f"cannot reach NATS at {options.safe_url}: {redact(str(exc))}")
     finally:
         if server is not None:
             server.stop()
@@ -162,7 +173,7 @@ def provider() -> None:
     except (IncompatibleStream, DaemonFailed) as exc:
         fail(str(exc))
     except OSError as exc:
-        fail(f"cannot reach the lattice at {host.lattice_rpc_url}: {exc}")
+        fail(f"cannot reach the lattice at {redact(host.lattice_rpc_url)}: {redact(str(exc))}")
 
 
 @app.command()
