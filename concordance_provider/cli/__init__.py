@@ -4,6 +4,7 @@
 from . import client, read  # noqa: F401, I001
 from . import daemon, lattice, maintenance, deadletters  # noqa: F401, I001
 from . import archive  # noqa: F401, I001
+from . import permissions  # noqa: F401, I001
 from .common import app
 
 
