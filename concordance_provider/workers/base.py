@@ -260,32 +260,38 @@ async def release(sub: Any, within: float = 2.0) -> int:
     """End a pull subscription so that nothing waits for the ack wait once the process is gone.
 
     The server keeps delivering to a pull request until it expires, and a message handed back
-    while one is open comes straight back to it. So interest ends first (an UNSUB and a round
-    trip, as draining does), and every message that still reaches the inbox meanwhile is handed
-    back, for another daemon or the next start to take at once. Returns how many.
+    while one is open comes straight back to it. So interest ends first (an UNSUB, then a round
+    trip whose answer follows everything sent before it), and every message that still reaches
+    the inbox meanwhile is handed back, for another daemon or the next start to take at once.
+    Returns how many.
     """
-    inbox = sub._sub  # nats-py's core subscription on the inbox the server delivers to
+    inbox, nc = sub._sub, sub._nc  # nats-py's core subscription on the inbox, and its connection
     handed = 0
     try:
-        draining = asyncio.create_task(inbox.drain())
-    except Exception:  # noqa: BLE001 - connection closed or draining: nothing more can come
-        return 0
+        await nc._send_unsubscribe(inbox._id)  # as Subscription.drain starts; it then waits on a queue count
+        flushed = asyncio.create_task(nc.flush(timeout=max(1, int(within))))
+    except Exception:  # noqa: BLE001 - connection closed or going: nothing more can come
+        flushed = None
     deadline = time.monotonic() + within
     try:
-        while time.monotonic() < deadline:
+        while flushed is not None and time.monotonic() < deadline:
             try:
                 msg = await inbox.next_msg(timeout=0.05)
-            except Exception:  # noqa: BLE001 - nothing queued (or the subscription is gone)
-                if draining.done():
+            except Exception:  # noqa: BLE001 - nothing queued (or the connection is gone)
+                if flushed.done():
                     break
                 continue
             if msg.reply and msg.reply.startswith("$JS.ACK."):  # not a status message
                 await hand_back(msg)
                 handed += 1
     finally:
-        if not draining.done():
-            draining.cancel()
-        await asyncio.gather(draining, return_exceptions=True)
+        if flushed is not None:
+            flushed.cancel()
+            await asyncio.gather(flushed, return_exceptions=True)
+        try:
+            await inbox.unsubscribe()
+        except Exception:  # noqa: BLE001 - already gone with the connection
+            pass
     if handed:
         log.info("messages handed back on stopping", count=handed)
     return handed

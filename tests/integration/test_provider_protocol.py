@@ -14,7 +14,9 @@ import pytest
 from .harness import (
     ProviderProcess,
     client,
+    daemon,
     eventually,
+    example_manifest,
     host_data_line,
     kv_json,
     nats_server,
@@ -373,3 +375,53 @@ async def test_a_wasmcloud_1_host_runs_the_bank_through_the_provider(version, ex
     assert "config update refused" in output if version.config_update else True
     # Nothing the killed provider held waited for the ack wait (30 s here): it had been handed back.
     assert recovered_in < ACK_WAIT_S / 2, f"outcomes {recovered_in:.1f}s after the kill: some waited for the ack wait"
+
+
+async def test_the_lattice_control_plane_is_closed(example_components, tmp_path):
+    build = next(iter(example_components.values())).parent
+    manifest = example_manifest(tmp_path, {})
+    projector = {"source_id": "bankaccount-projector", "target": "concordance", "name": "default",
+                 "target_config": {"ROLE": "projector", "NAME": "bankaccount_projector", "INTEREST": "account_created",
+                                   "COMPONENT_FILE": "bankaccount_projector.wasm"}}
+    with nats_server(tmp_path) as server:
+        # Without --lattice nobody serves the provider subjects.
+        with daemon(manifest, tmp_path / "plain.log", "--nats-url", server.url):
+            async with client(server.url) as nc:
+                for suffix in ("linkdefs.put", "linkdefs.del", "config.update", "health", "default.shutdown"):
+                    with pytest.raises(nats.errors.NoRespondersError):
+                        await nc.request(f"wasmbus.rpc.default.concordance.{suffix}", b"{}", timeout=5)
+
+        rpc = "wasmbus.rpc.ctl.concordance"
+        with daemon(manifest, tmp_path / "lattice.log", "--nats-url", server.url, "--lattice", "ctl",
+                    "--component-dir", str(build)):
+            async with client(server.url) as nc:
+                # A manifest's component is neither replaced nor unlinked from the lattice.
+                replaced = await _ask(nc, f"{rpc}.linkdefs.put", projector)
+                assert replaced["accepted"] is False and "declared by the manifest" in replaced["error"]
+                twin = await _ask(nc, f"{rpc}.linkdefs.put", {**projector, "source_id": "twin"})
+                assert twin["accepted"] is False and "declared by the manifest" in twin["error"]
+                removed = await _ask(nc, f"{rpc}.linkdefs.del", {"source_id": "bankaccount-projector"})
+                assert removed["accepted"] is False and "--allow-lattice-replace" in removed["error"]
+
+                # COMPONENT_FILE names only files of the component directory, and the error for
+                # any other path says nothing about whether it exists.
+                errors = set()
+                for path in ("/etc/passwd", "/no/such/file.wasm", "../../../../etc/hostname", "../missing.wasm"):
+                    other = {**projector, "source_id": "other",
+                             "target_config": {**projector["target_config"], "NAME": "other", "COMPONENT_FILE": path}}
+                    refused = await _ask(nc, f"{rpc}.linkdefs.put", other)
+                    assert refused["accepted"] is False
+                    errors.add(refused["error"])
+                assert errors == {f"COMPONENT_FILE must name a file in the component directory {build.resolve()}"}
+
+                # The manifest's components still serve.
+                created = await result(nc, await send(nc, "bankaccount", _command("create_account_cmd")))
+                assert created["status"] == "accepted"
+
+        # The operator may allow the lattice to replace them.
+        with daemon(manifest, tmp_path / "allowed.log", "--nats-url", server.url, "--lattice", "ctl",
+                    "--component-dir", str(build), "--allow-lattice-replace"):
+            async with client(server.url) as nc:
+                replaced = await _ask(nc, f"{rpc}.linkdefs.put", projector)
+                assert replaced["accepted"] is True, replaced
+                assert (await _interests(nc))["bankaccount-projector"]["event_types"] == ["account_created"]
