@@ -18,7 +18,7 @@ import structlog
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
-from . import metrics
+from . import metrics, permissions
 from .config import NatsOptions
 from .health import Health
 from .health import serve as serve_health
@@ -152,15 +152,31 @@ class Daemon:
             log.info("reconnected to NATS")
 
         async def on_error(exc: Exception) -> None:
-            log.warning("NATS error", error=str(exc))
+            refused = permissions.refusal(str(exc), self._permissions())
+            if refused is None:
+                log.warning("NATS error", error=str(exc))
+            elif refused not in self._failures:  # retrying cannot help: stop, saying what is missing
+                log.error("NATS refused a permission; shutting down", error=refused)
+                self._failures.append(refused)
+                self.stopping.set()
 
         return await connect(self.nats_options, disconnected_cb=on_disconnect,
                              reconnected_cb=on_reconnect, error_cb=on_error)
+
+    def _permissions(self) -> permissions.Permissions:
+        """What this daemon needs of NATS for its links: names a refused subject exactly."""
+        specs = {spec.name: spec for spec in (self.manifest.components if self.manifest else [])}
+        specs.update({name: linked.spec for name, linked in self.links.items()})
+        return permissions.daemon(permissions.Application.of(spec.interest for spec in specs.values()))
 
     async def run(self) -> None:
         endpoint = await serve_health(self.health, self.health_port, self._metrics) if self.health_port else None
         try:
             await self._run()
+        except Exception:
+            if self._failures:  # what failed then (a request timing out) only followed from these
+                raise DaemonFailed("; ".join(self._failures)) from None
+            raise
         finally:
             if endpoint is not None:
                 endpoint.close()

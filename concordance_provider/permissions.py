@@ -15,6 +15,7 @@ NATS wildcards match whole tokens, so each read-model bucket is named.
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from collections.abc import Iterable
 from pathlib import Path
@@ -202,6 +203,27 @@ def operator(app: Application, inbox_prefix: str) -> Permissions:
         f"$JS.API.STREAM.PURGE.{DEADLETTER_STREAM}",
     ]
     return Permissions(publish=tuple(publish), subscribe=reads.subscribe)
+
+
+_VIOLATION = re.compile(r'permissions violation for (publish|subscription) to "?([^"\s]+)', re.IGNORECASE)
+
+
+def refusal(error: str, needed: Permissions, who: str = "the daemon's NATS user") -> str | None:
+    """If ``error`` is NATS refusing a permission, a sentence naming what is missing, else None.
+
+    nats-py reports the refused subject in lower case; the permission set restores its case."""
+    found = _VIOLATION.search(error)
+    if found is None:
+        return None
+    action = "publish" if found.group(1).lower() == "publish" else "subscribe"
+    subject = found.group(2)
+    pattern = needed.allows(action, subject)
+    if pattern is not None and pattern.lower() == subject.lower():
+        return f"{who} may not {action} to {pattern}: grant it (`concordance nats-config` writes what each user needs)"
+    named = f"{who} may not {action} to {subject} (in lower case, as NATS reports it)"
+    if pattern is not None:
+        return f"{named}: grant {action} on {pattern} (`concordance nats-config` writes what each user needs)"
+    return f"{named}: grant it"
 
 
 ROLES = ("daemon", "client", "operator", "auditor")
