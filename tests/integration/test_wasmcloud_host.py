@@ -9,6 +9,9 @@ as workloads and links them to the daemon.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -55,6 +58,76 @@ async def test_original_scenario_ends_at_6000_on_a_wasmcloud_host(lattice):
         status = json.loads((await nc.request("cc.status", b"", timeout=10)).data)
         runs = {c["name"]: c["runs"] for c in status["components"]}
         assert runs["bankaccount-aggregate"] == "nats:cc.dispatch.default.bankaccount-aggregate"
+
+
+SCRATCH = """\
+apiVersion: core.oam.dev/v1beta1
+kind: Application
+metadata: {name: scratch, annotations: {}}
+spec:
+  components:
+    - name: scratch-projector
+      type: component
+      properties: {image: %(image)s}
+      traits:
+        - type: link
+          properties:
+            namespace: concordance
+            package: eventsourcing
+            interfaces: [stateless-handler]
+            target:
+              name: concordance
+              config: [{name: scratch-link, properties: {ROLE: projector, NAME: scratch_projector, INTEREST: account_created}}]
+"""
+
+
+async def _scratch_balance(nc):
+    balance = await kv_json(nc, "CC_RM_scratch_projector", "balance.SCRATCH1")
+    return balance and balance["balance"]
+
+
+def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run([sys.executable, "-m", "concordance_provider.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "NO_COLOR": "1"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
+async def test_an_oci_image_is_deployed_shown_in_status_and_undeployed(lattice, tmp_path):
+    url, host = lattice["url"], lattice["host"].host_id
+    async with client(url) as nc:
+        bank = await kv_json(nc, "CC_DEPLOYED", "bankaccount.bankaccount-projector")
+        assert bank["host_id"] == host and bank["workload_id"] == "bankaccount-bankaccount-projector"
+        # the image deploy pushed for the bank, named as a wasmCloud user names an image; no source
+        manifest = tmp_path / "scratch.yaml"
+        manifest.write_text(SCRATCH % {"image": bank["image"]})
+        deployed = _cli("deploy", str(manifest), "--nats-url", url)  # no --host-id: the first heard from
+        assert "waiting for a wasmCloud host's heartbeat" in deployed.stderr
+        assert "component runs its image as written" in deployed.stderr
+        assert "starting workload; the host pulls and compiles its image" in deployed.stderr
+        assert f"deployed 1 component(s) on host {host}" in deployed.stdout
+        assert (await result(nc, await send(nc, "bankaccount", _account("SCRATCH1", 70)), timeout=120))["status"] == "accepted"
+        assert await eventually(lambda: _scratch_balance(nc), 70, timeout=120) == 70  # projected by the new workload
+
+        status = _cli("status", "--nats-url", url).stdout
+        for workload, component in [("bankaccount-bankaccount-aggregate", "bankaccount bankaccount-aggregate"),
+                                    ("scratch-scratch-projector", "scratch scratch-projector")]:
+            assert f"  workload {workload} ({component}): running on host {host}" in status, status
+        as_json = json.loads(_cli("status", "--json", "--nats-url", url).stdout)
+        runs = {c["name"]: c for c in as_json[0]["components"]}
+        assert runs["scratch-projector"]["workload"]["state"] == "running"
+
+        undeployed = _cli("undeploy", str(manifest), "--nats-url", url).stdout
+        assert f"scratch-projector: unlinked; workload scratch-scratch-projector stopped on host {host}" in undeployed
+        state = json.loads((await nc.request(f"runtime.host.{host}.workload.status",
+                                             b'{"workloadId": "scratch-scratch-projector"}', timeout=10)).data)
+        assert state["workloadStatus"]["workloadState"] == "WORKLOAD_STATE_NOT_FOUND"
+        assert await kv_json(nc, "CC_DEPLOYED", "scratch.scratch-projector") is None
+        report = json.loads((await nc.request("cc.status", b"", timeout=10)).data)
+        assert "scratch-projector" not in {c["name"] for c in report["components"]}
+        status = _cli("status", "--nats-url", url).stdout
+        assert "scratch-scratch-projector" not in status
+        assert "  workload bankaccount-bankaccount-aggregate (bankaccount bankaccount-aggregate): running" in status
 
 
 async def test_wire_transfer_through_the_process_manager_on_a_wasmcloud_host(lattice):
