@@ -43,6 +43,10 @@ class RawCommand(BaseModel):
 class KeyMismatch(BadMessage):
     """A command sent on ``cc.commands.{aggregate}.{key}`` whose body names another key."""
 
+    def __init__(self, message: str, command: "RawCommand") -> None:
+        super().__init__(message)
+        self.command = command
+
 
 def parse_command(body: bytes, subject_key: str | None = None) -> RawCommand:
     """The command in ``body``; ``subject_key`` is the key its subject names, if it names one,
@@ -59,7 +63,7 @@ def parse_command(body: bytes, subject_key: str | None = None) -> RawCommand:
         raise BadMessage(f"malformed command: {exc}") from None
     if subject_key is not None and command.key != subject_key:
         raise KeyMismatch(f"key mismatch: the subject names key {subject_key!r}, the command's body "
-                          f"{command.key!r}; the command was not decided")
+                          f"{command.key!r}; the command was not decided", command)
     return command
 
 

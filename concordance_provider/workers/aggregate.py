@@ -95,7 +95,7 @@ class AggregateWorker:
             logger.warning("command rejected", key=subject_key, error=str(exc), trace_id=trace_id(traceparent))
             await self._results.record(seq, CommandResult(
                 status="rejected", aggregate=self.interest.name, key=subject_key, error=str(exc),
-                command_type=_command_type(msg.data), traceparent=traceparent))
+                command_type=exc.command.command_type, traceparent=traceparent))
             return
         except BadMessage as exc:
             raise Poison(str(exc)) from None  # answered by _answer_dead_command
@@ -146,12 +146,4 @@ def _subject_key(msg: Msg) -> str | None:
     try:
         return parse_command_subject(msg.subject)[1]
     except InvalidName:
-        return None
-
-
-def _command_type(data: bytes) -> str | None:
-    """The command type of a body already known to parse, for the outcome of a key mismatch."""
-    try:
-        return parse_command(data).command_type
-    except BadMessage:
         return None

@@ -97,6 +97,7 @@ async def test_a_body_key_other_than_the_subject_key_is_rejected_undecided(examp
                 mismatch = await send(nc, "bankaccount", deposit("KS2", 500), key="KS1")
                 outcome = await result(nc, mismatch, aggregate="bankaccount", key="KS1")  # under the subject's key
                 assert outcome["status"] == "rejected" and outcome["key"] == "KS1", outcome
+                assert outcome["command_type"] == "deposit_funds", outcome
                 assert "key mismatch" in outcome["error"] and "'KS2'" in outcome["error"], outcome
                 assert await read_result(nc, mismatch, aggregate="bankaccount", key="KS2") is None
                 assert await balance(nc, "KS2") == 1000 and await balance(nc, "KS1") == 1000  # never decided
