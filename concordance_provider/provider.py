@@ -50,7 +50,7 @@ LOG_LEVELS = {"trace": "debug", "debug": "debug", "info": "info", "warn": "warni
               "error": "error", "critical": "critical"}
 # A host waits 300 ms (--provider-shutdown-delay-ms) for the shutdown answer, then SIGKILLs the
 # provider: answer well inside that, whatever is still running.
-SHUTDOWN_ANSWER_WITHIN = 0.2
+SHUTDOWN_ANSWER_WITHIN = 0.15
 
 
 class HostDataError(ValueError):
@@ -467,7 +467,11 @@ class ProviderEndpoint:
         except ValueError:
             body = {}
         host_id = body.get("host_id") if isinstance(body, dict) else None
-        if not self.host.host_id or host_id != self.host.host_id:
+        if not self.host.host_id:
+            self._logger.warning("shutdown request ignored: no host started this daemon; stop it with SIGTERM",
+                                 host_id=host_id)
+            return
+        if host_id != self.host.host_id:
             # Two hosts may run this provider id: the request is another host's, for its own
             # provider. An answer would tell that host its provider had stopped.
             self._logger.info("shutdown request for another host; not answered", host_id=host_id)

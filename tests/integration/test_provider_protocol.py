@@ -107,6 +107,10 @@ async def test_host_drives_the_provider_through_its_whole_life(example_component
                 assert missing["accepted"] is False and "ROLE" in missing["error"]
                 no_source = await _ask(nc, f"{rpc}.linkdefs.put", {"target": PROVIDER})
                 assert no_source["accepted"] is False and "source_id" in no_source["error"]
+                from_provider = await _ask(nc, f"{rpc}.linkdefs.put", {"source_id": PROVIDER, "target": "some-component"})
+                assert from_provider["accepted"] is False and "source" in from_provider["error"]
+                others = await _ask(nc, f"{rpc}.linkdefs.del", {"source_id": "bankaccount-aggregate", "target": "VOTHER"})
+                assert others["accepted"] is False and "not this provider" in others["error"]
                 taken = await _ask(nc, f"{rpc}.linkdefs.put", {**_aggregate(example_components), "source_id": "twin"})
                 assert taken["accepted"] is False and "AGG_EVT_bankaccount" in taken["error"]
                 assert (await _ask(nc, f"{rpc}.health", b""))["healthy"] is True
