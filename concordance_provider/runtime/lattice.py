@@ -25,6 +25,7 @@ from nats.errors import TimeoutError as NatsTimeout
 from pydantic import TypeAdapter, ValidationError
 
 from ..links import Role
+from .call_caps import CallBudget
 from .component import (
     ComponentFailed,
     ComponentUnavailable,
@@ -65,6 +66,7 @@ class _Callbacks:
     def __init__(self, nc: NATS, effects: HandlerEffects) -> None:
         self._nc = nc
         self._effects = effects
+        self._budget = CallBudget(effects)  # publishes are capped as they come; writes come with the answer
         self.failure: Exception | None = None  # what went wrong on the daemon's side, if anything
         self.subject = nc.new_inbox()
 
@@ -84,7 +86,7 @@ class _Callbacks:
         except EnvelopeError as exc:
             reply = CallbackReply(error=str(exc))
         except Exception as exc:  # noqa: BLE001 - the guest must hear back, and the call must fail
-            self.failure = exc
+            self.failure = self.failure or exc  # the first one says what went wrong
             reply = CallbackReply(error=f"the daemon could not serve {type(exc).__name__}: {exc}")
         await self._nc.publish(msg.reply, reply.encode())
 
@@ -98,6 +100,7 @@ class _Callbacks:
             return CallbackReply(error=f"event lacks {exc}")
         refusal = self._effects.check_publish(request.key, event)
         if refusal is None:
+            self._budget.publish(request.key, event)  # OverCap: the component's failure
             self._effects.published.append((request.key, event))
         return CallbackReply(error=refusal)
 

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+import msgpack
 import nats
 import pytest
 
@@ -301,3 +302,43 @@ async def test_events_published_over_their_caps_fail_the_call(tmp_path):
             assert [subject for subject, _ in published] == ["cc.events.hoarded.hoard.H0", "cc.events.hoarded.hoard.H1"]
         over = [entry for entry in process.logs() if entry.get("event") == "publish over its cap; the call fails"]
         assert {entry["key"] for entry in over} == {"H100", "H0", "H4"}
+
+
+async def test_a_component_on_a_wasmcloud_host_is_held_to_the_same_caps(tmp_path):
+    """A NATS peer answering as a hosted notifier would: 150 publishes through the callback subject,
+    or 1000 read-model keys in its answer. Each call fails and its event becomes a dead letter."""
+    rpc = "wasmbus.rpc.default.concordance"
+    with nats_server(tmp_path) as server, daemon(None, tmp_path / "d.log", "--nats-url", server.url,
+                                                 "--lattice", "default"):
+        async with client(server.url) as nc:
+            async def answer(msg) -> None:
+                call = msgpack.unpackb(msg.data)
+                asked = json.loads(call["args"]["event"]["payload"])
+                for index in range(asked.get("publish", 0)):
+                    event = {"event_type": "hoarded", "stream": "hoard", "payload": "{}"}
+                    await nc.request(call["callback"], msgpack.packb({"op": "publish", "key": f"H{index}",
+                                                                      "event": event}), timeout=10)
+                puts = {f"hoard.{index}": "x" for index in range(asked.get("puts", 0))}
+                await msg.respond(msgpack.packb({"v": 1, "ok": None, "puts": puts}))
+
+            await nc.subscribe("cc.dispatch.default.bulky", cb=answer)
+            link = {"source_id": "bulky", "target": "concordance", "source_config": {
+                "ROLE": "notifier", "NAME": "bulky", "INTEREST": "hoard_asked", "MAX_DELIVERIES": "1"}}
+            reply = json.loads((await nc.request(f"{rpc}.linkdefs.put", json.dumps(link).encode(), timeout=30)).data)
+            assert reply["accepted"] is True, reply
+            js = nc.jetstream()
+            expected = {
+                (await js.publish("cc.events.hoard_asked.asks.B1", _ask(1, publish=150))).seq:
+                    "event 'hoarded' for key 'H100' is over the cap of 100 events published per call",
+                (await js.publish("cc.events.hoard_asked.asks.B2", _ask(2, puts=1000))).seq:
+                    "read-model write of key 'hoard.999' is over the cap of 999 keys per call",
+            }
+
+            async def letters() -> list[dict]:
+                return await events_of_stream(nc, "CC_DEADLETTER", "cc.deadletter.NOTIFIER_bulky")
+
+            found = await eventually(letters, lambda found: len(found) == len(expected), timeout=90)
+            reasons = {d["stream_seq"]: d["reason"] for d in found}
+            for seq, reason in expected.items():
+                assert reason in reasons[seq], reasons[seq]
+            assert [s for s, _ in await events(nc, "cc.events.>") if ".hoard." in s] == []  # nothing published
