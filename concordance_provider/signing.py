@@ -115,9 +115,9 @@ class Signer:
                     at.encode(), data)
 
     def sign_event(self, subject: str, message_id: str, causation: str, data: bytes,
-                   position: Position | None = None, made_at_ms: int | None = None) -> str:
-        """The ``Concordance-Signature`` header of an event about to be stored."""
-        at = str(time.time_ns() // 1_000_000 if made_at_ms is None else made_at_ms)
+                   position: Position | None = None) -> str:
+        """The ``Concordance-Signature`` header of an event about to be stored, made now."""
+        at = str(time.time_ns() // 1_000_000)
         mac = self._event_mac(subject, message_id, causation, position, at, data)
         where = "" if position is None else f"prev={position.previous};index={position.index};"
         return f"{where}at={at};mac={mac}"
