@@ -7,8 +7,9 @@ reads outcomes, state, events and read models); an operator (rebuild, replay, de
 read-only auditor. Nobody but the operator may purge anything, and only dead letters and read
 models (which replay empties); nobody may delete a stream or use ``$JS.API.>`` as a whole.
 
-Clients read with direct gets, never with consumers of ``CC_EVENTS`` or ``CC_COMMANDS``: whoever
-may create an ephemeral consumer on a stream may also rewrite a durable one of the same name.
+Clients and the auditor read with direct gets and wait for outcomes on the bucket's subjects; they
+create no consumers: whoever may create an ephemeral consumer on a stream may also rewrite a
+durable one by giving its name.
 NATS wildcards match whole tokens, so each read-model bucket is named.
 """
 
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, SecretStr
 
+from .deployed import DEPLOYED_BUCKET
 from .links import Interest, Role
 from .naming import (
     COMMAND_PREFIX,
@@ -118,6 +120,7 @@ class Lattice(BaseModel):
 
 COMMAND_SUBJECTS = (f"{COMMAND_PREFIX}.*", f"{COMMAND_PREFIX}.*.*")  # cc.commands.{aggregate}[.{key}]
 STATUS_SUBJECTS = (STATUS_SUBJECT, f"{STATUS_SUBJECT}.*")
+RESULTS_WATCH = f"$KV.{RESULTS_BUCKET}.>"  # waiting for an outcome: the daemon's put, as it is stored
 
 
 def _direct_get(streams: Iterable[str]) -> list[str]:
@@ -163,25 +166,22 @@ def daemon(app: Application, lattice: Lattice | None = None) -> Permissions:
 
 
 def client(app: Application, inbox_prefix: str) -> Permissions:
-    """A client: sends commands to the application's aggregates and waits for their outcomes;
-    reads state, events and read models. Writes nothing else."""
+    """A client: sends commands to the application's aggregates (with or without the key in the
+    subject) and waits for their outcomes; reads state, events and read models. Writes nothing else."""
     readable = (COMMANDS_STREAM, EVENTS_STREAM, *app.kv_streams)
     publish = [
         *(s for aggregate in app.aggregates for s in (f"{COMMAND_PREFIX}.{aggregate}", f"{COMMAND_PREFIX}.{aggregate}.*")),
         *_stream_info(readable),
         *_direct_get((EVENTS_STREAM, *app.kv_streams)),
-        # waiting for an outcome watches CC_RESULTS with an ephemeral consumer; no durable lives there
-        f"$JS.API.CONSUMER.CREATE.KV_{RESULTS_BUCKET}",
-        f"$JS.API.CONSUMER.INFO.KV_{RESULTS_BUCKET}.*",
-        f"$JS.FC.KV_{RESULTS_BUCKET}.>",
     ]
-    return Permissions(publish=tuple(publish), subscribe=(f"{inbox_prefix}.>",))
+    return Permissions(publish=tuple(publish), subscribe=(f"{inbox_prefix}.>", RESULTS_WATCH))
 
 
 def auditor(app: Application, inbox_prefix: str) -> Permissions:
     """Reads everything that is stored and asks the daemons for their status; changes nothing."""
-    publish = [*_stream_info(app.streams), *_direct_get(app.streams), *STATUS_SUBJECTS]
-    return Permissions(publish=tuple(publish), subscribe=(f"{inbox_prefix}.>",))
+    streams = (*app.streams, f"KV_{DEPLOYED_BUCKET}")  # what `deploy` placed on hosts, shown by status
+    publish = [*_stream_info(streams), *_direct_get(streams), *STATUS_SUBJECTS]
+    return Permissions(publish=tuple(publish), subscribe=(f"{inbox_prefix}.>", RESULTS_WATCH))
 
 
 def operator(app: Application, inbox_prefix: str) -> Permissions:
