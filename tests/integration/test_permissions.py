@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import select
+import signal
 import socket
 import subprocess
 import sys
@@ -140,6 +142,7 @@ async def test_generated_configuration_runs_the_bank_example_and_holds_each_part
                 for args in commands:
                     done = concordance(*args, "--nats-url", secured.url, *secured.login(user))
                     assert done.returncode == 0, (user, args, done.stdout, done.stderr)
+            assert _follows_one_event(secured, "auditor") == "account_created"
             assert secured.violations() == []
             assert not [e for e in daemon.logs() if e.get("event") == "NATS error"], daemon.log_path.read_text()
 
@@ -158,6 +161,25 @@ async def test_generated_configuration_runs_the_bank_example_and_holds_each_part
         finally:
             daemon.stop()
         assert secured.password("concordance") not in daemon.log_path.read_text()
+
+
+def _follows_one_event(secured: Secured, user: str) -> str:
+    """`events --follow` as ``user``: the type of the first event it prints, then stopped with Ctrl-C."""
+    follower = subprocess.Popen([sys.executable, "-m", "concordance_provider.cli", "events", "--follow", "--json",
+                                 "--nats-url", secured.url, *secured.login(user)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert follower.stdout is not None
+        ready, _, _ = select.select([follower.stdout], [], [], 60)
+        assert ready, "events --follow printed nothing within 60s"
+        first = follower.stdout.readline()  # the history comes first: the account's creation
+        follower.send_signal(signal.SIGINT)
+        assert follower.wait(30) == 0, follower.stderr.read() if follower.stderr else ""
+        return str(json.loads(first)["type"])
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+            follower.wait()
 
 
 async def _forbidden_to_a_client(secured: Secured) -> None:
