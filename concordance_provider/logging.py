@@ -8,6 +8,13 @@ import sys
 
 import structlog
 
+from .config import redact
+
+
+def _redact_urls(_: object, __: str, event: dict[str, object]) -> dict[str, object]:
+    """No log line carries the user and password of a URL, whoever logs it."""
+    return {k: redact(v) if isinstance(v, str) and "@" in v else v for k, v in event.items()}
+
 
 def configure(level: str = "info", fmt: str = "auto") -> None:
     as_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
@@ -18,6 +25,7 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
+            _redact_urls,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),

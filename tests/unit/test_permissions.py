@@ -200,3 +200,16 @@ def test_generated_configuration_is_valid_for_nats_server(tmp_path):
     checked = subprocess.run([server_binary(), "-c", str(output), "-t"], capture_output=True, text=True, timeout=30)
     assert checked.returncode == 0, checked.stderr + checked.stdout
     assert '"wasmbus.rpc.default.concordance.>"' in output.read_text()
+
+
+def test_no_log_line_carries_the_credentials_of_a_url(capsys):
+    import structlog
+
+    from concordance_provider.logging import configure
+
+    configure("info", "json")
+    structlog.get_logger("test").warning("cannot reach", url="nats://alice:s3cret@127.0.0.1:1",
+                                         error="tls://bob:hunter2@host:4443 refused")
+    line = capsys.readouterr().err
+    assert "nats://127.0.0.1:1" in line and "tls://host:4443" in line
+    assert "s3cret" not in line and "hunter2" not in line
