@@ -137,7 +137,9 @@ async def test_generated_configuration_runs_the_bank_example_and_holds_each_part
             reads = {"client": [("state", "bankaccount", "ABC123"), ("events", "--key", "ABC123"),
                                 ("readmodel", "bankaccount_projector", "balance.ABC123"), ("result", "1")],
                      "auditor": [("status", "--json"), ("events", "--stream", "interbank"), ("deadletters", "list")],
-                     "operator": [("deadletters", "list"), ("status", "--json")]}
+                     "operator": [("deadletters", "list"), ("status", "--json"), ("deadletters", "purge", "--yes"),
+                                  ("rebuild", str(manifest), "bankaccount.ABC123"),
+                                  ("replay", str(manifest), "bankaccount_projector", "--from-seq", "3", "--no-wait")]}
             for user, commands in reads.items():
                 for args in commands:
                     done = concordance(*args, "--nats-url", secured.url, *secured.login(user))
@@ -173,6 +175,7 @@ def _follows_one_event(secured: Secured, user: str) -> str:
         ready, _, _ = select.select([follower.stdout], [], [], 60)
         assert ready, "events --follow printed nothing within 60s"
         first = follower.stdout.readline()  # the history comes first: the account's creation
+        time.sleep(1.0)  # then it follows, looking for new events a few times before Ctrl-C
         follower.send_signal(signal.SIGINT)
         assert follower.wait(30) == 0, follower.stderr.read() if follower.stderr else ""
         return str(json.loads(first)["type"])
