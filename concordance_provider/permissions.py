@@ -132,12 +132,17 @@ def _stream_info(streams: Iterable[str]) -> list[str]:
     return [f"$JS.API.STREAM.INFO.{stream}" for stream in streams]
 
 
-def _durable(durable: Durable) -> list[str]:
-    """Create (both request forms), look up, fetch from and acknowledge one durable consumer."""
+def _durable_setup(durable: Durable) -> list[str]:
+    """Create (either request form, the newer one with its filter subject) and look up a durable."""
     stream, name = durable.stream, durable.name
     return [f"$JS.API.CONSUMER.DURABLE.CREATE.{stream}.{name}", f"$JS.API.CONSUMER.CREATE.{stream}.{name}",
-            f"$JS.API.CONSUMER.CREATE.{stream}.{name}.>", f"$JS.API.CONSUMER.INFO.{stream}.{name}",
-            f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{name}", f"$JS.ACK.{stream}.{name}.>"]
+            f"$JS.API.CONSUMER.CREATE.{stream}.{name}.>", f"$JS.API.CONSUMER.INFO.{stream}.{name}"]
+
+
+def _durable(durable: Durable) -> list[str]:
+    """Set up a durable consumer, fetch from it and acknowledge what it delivers."""
+    stream, name = durable.stream, durable.name
+    return [*_durable_setup(durable), f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{name}", f"$JS.ACK.{stream}.{name}.>"]
 
 
 def daemon(app: Application, lattice: Lattice | None = None) -> Permissions:
@@ -189,8 +194,8 @@ def operator(app: Application, inbox_prefix: str) -> Permissions:
     (resets a projector's or notifier's consumer and read model), ``deadletters retry`` (sends a
     dead command or event again) and ``deadletters purge``."""
     reads = auditor(app, inbox_prefix)
-    handler_consumers = [s for d in app.handler_durables for s in (
-        *_durable(d)[:4], f"$JS.API.CONSUMER.DELETE.{d.stream}.{d.name}")]
+    handler_consumers = [s for d in app.handler_durables
+                         for s in (*_durable_setup(d), f"$JS.API.CONSUMER.DELETE.{d.stream}.{d.name}")]
     publish = [
         *reads.publish,
         f"$KV.{STATE_BUCKET}.>",  # rebuild
@@ -226,14 +231,9 @@ def refusal(error: str, needed: Permissions, who: str = "the daemon's NATS user"
     return f"{named}: grant it"
 
 
-ROLES = ("daemon", "client", "operator", "auditor")
-
-
 class User(BaseModel):
     name: str
     password: SecretStr
-    role: str
-    inbox_prefix: str
     permissions: Permissions
 
 

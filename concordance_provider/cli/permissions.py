@@ -11,8 +11,17 @@ from pydantic import SecretStr
 
 from ..config import SecretError, read_secret_file
 from ..manifest import ManifestError, load_manifest
-from ..naming import InvalidName
-from ..permissions import Application, Lattice, User, inbox_prefix_of, new_password, permissions_of, server_config
+from ..naming import InvalidName, check_token
+from ..permissions import (
+    DAEMON_INBOX,
+    Application,
+    Lattice,
+    User,
+    inbox_prefix_of,
+    new_password,
+    permissions_of,
+    server_config,
+)
 from .common import app, fail
 
 
@@ -84,13 +93,14 @@ def nats_config(
     users, lines = [], []
     for role, (name, password_file) in chosen.items():
         try:
-            prefix = "_INBOX" if role == "daemon" else inbox_prefix_of(name)
+            prefix = inbox_prefix_of(name) if role != "daemon" else DAEMON_INBOX
+            check_token(name, "user name")
             password, path, made = _password(name, password_file, secrets)
         except (InvalidName, SecretError) as exc:
             fail(str(exc))
         permissions = permissions_of(role, application, prefix, Lattice(name=lattice, provider_id=provider_id)
                                      if lattice else None)
-        users.append(User(name=name, password=password, role=role, inbox_prefix=prefix, permissions=permissions))
+        users.append(User(name=name, password=password, permissions=permissions))
         lines.append(f"{role:9} user {name}, password in {path}{' (generated)' if made else ''}, "
                      f"inbox prefix {prefix}")
     _write_private(output, server_config(users, listen=listen, store_dir=(store_dir or where / "jetstream").resolve(),
