@@ -22,6 +22,7 @@ from typing import Any
 
 import structlog
 from nats.aio.client import Client as NATS
+from nats.errors import Error as NatsError
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
@@ -148,7 +149,11 @@ async def place(nc: NATS, host_id: str, placements: list[Placement], lattice: st
             await start_workload(nc, host_id, placement.workload_id, placement.start_request())
         except HostError as exc:
             raise DeployError(str(exc)) from None
-        await deployed.record(js, placement.record(host_id, lattice, provider_id))
+        try:
+            await deployed.record(js, placement.record(host_id, lattice, provider_id))
+        except NatsError as exc:
+            raise DeployError(f"{placement.workload_id} runs on host {host_id}, but recording it in "
+                              f"{deployed.DEPLOYED_BUCKET} failed (is JetStream enabled?): {exc}") from None
         log.info("workload running", host=host_id, workload=placement.workload_id, image=placement.image,
                  subject=placement.dispatch_subject)
 
@@ -192,7 +197,8 @@ async def link(nc: NATS, lattice: str, provider_id: str, placement: Placement, w
 async def watch(nc: NATS, host_id: str, placements: list[Placement], lattice: str, provider_id: str,
                 stopping: asyncio.Event) -> None:
     """Keep the workloads placed: when their host is gone, start them on the next host heard from.
-    A component undeployed meanwhile is not placed again; when none is left, the watch ends."""
+    At each heartbeat the records are read again: a component undeployed meanwhile is not placed
+    again, and when none is left the watch ends."""
     sub = await nc.subscribe(HEARTBEAT_SUBJECT)
     try:
         while not stopping.is_set():
@@ -201,14 +207,14 @@ async def watch(nc: NATS, host_id: str, placements: list[Placement], lattice: st
             except (NatsTimeout, asyncio.TimeoutError):
                 continue
             heard = msg.subject.rsplit(".", 1)[1]
-            if heard == host_id or await host_alive(nc, host_id):
-                continue
-            placements = await _still_deployed(nc, placements)
-            if not placements:
-                log.info("the application was undeployed; the watch ends")
-                return
-            log.warning("host gone; starting the workloads on another", gone=host_id, host=heard)
             try:
+                placements = await _still_deployed(nc, placements)
+                if not placements:
+                    log.info("the application was undeployed; the watch ends")
+                    return
+                if heard == host_id or await host_alive(nc, host_id):
+                    continue
+                log.warning("host gone; starting the workloads on another", gone=host_id, host=heard)
                 await place(nc, heard, placements, lattice, provider_id)
                 host_id = heard
             except Exception as exc:  # noqa: BLE001 - keep watching whatever went wrong this time

@@ -90,8 +90,8 @@ def undeploy(
     daemons, stop its workload on its host and forget it.
 
     Commands and events for the components wait in their streams, nothing is lost: a later deploy
-    (or `concordance up` with the manifest) takes them up. A `deploy --watch` still running no
-    longer places the undeployed components.
+    (or `concordance up` with the manifest) takes them up. A `deploy --watch` still running ends at
+    the next heartbeat of a host (within 15 s).
     """
     configure(log_level, "console")
     app_manifest = _manifest(manifest)

@@ -111,12 +111,14 @@ class WashHost:
 class Deployment:
     """`concordance deploy --watch`, as a user leaves it running beside the hosts."""
 
-    def __init__(self, manifest: Path, registry_address: str, nats_url: str, host_id: str, log_path: Path) -> None:
+    def __init__(self, manifest: Path, registry_address: str, nats_url: str, host_id: str | None,
+                 log_path: Path) -> None:
+        """``host_id`` None: on the first host heard from."""
         self.log_path = log_path
         with log_path.open("wb") as out:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "concordance_provider.cli", "deploy", str(manifest), "--registry",
-                 registry_address, "--nats-url", nats_url, "--host-id", host_id, "--watch"],
+                 registry_address, "--nats-url", nats_url, *(["--host-id", host_id] if host_id else []), "--watch"],
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env={**os.environ, "NO_COLOR": "1"})
         _wait(self._deployed, 600, "concordance deploy", log_path)
 

@@ -32,7 +32,7 @@ MANIFEST = Path(__file__).resolve().parents[2] / "examples" / "bankaccount" / "a
 def lattice(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("lattice")
     with nats_server(tmp) as server, registry(tmp / "registry") as registry_address:
-        stack = {"url": server.url, "host": WashHost(server.url, tmp / "wash"), "tmp": tmp}
+        stack = {"url": server.url, "host": WashHost(server.url, tmp / "wash"), "tmp": tmp, "registry": registry_address}
         try:
             with daemon(None, tmp / "daemon.log", "--nats-url", server.url, "--lattice", "default") as process:
                 stack["daemon"] = process
@@ -101,33 +101,43 @@ async def test_an_oci_image_is_deployed_shown_in_status_and_undeployed(lattice, 
         # the image deploy pushed for the bank, named as a wasmCloud user names an image; no source
         manifest = tmp_path / "scratch.yaml"
         manifest.write_text(SCRATCH % {"image": bank["image"]})
-        deployed = _cli("deploy", str(manifest), "--nats-url", url)  # no --host-id: the first heard from
-        assert "waiting for a wasmCloud host's heartbeat" in deployed.stderr
-        assert "component runs its image as written" in deployed.stderr
-        assert "starting workload; the host pulls and compiles its image" in deployed.stderr
-        assert f"deployed 1 component(s) on host {host}" in deployed.stdout
-        assert (await result(nc, await send(nc, "bankaccount", _account("SCRATCH1", 70)), timeout=120))["status"] == "accepted"
-        assert await eventually(lambda: _scratch_balance(nc), 70, timeout=120) == 70  # projected by the new workload
+        # no --host-id: the first heard from; --watch: it ends once the application is undeployed
+        watching = Deployment(manifest, lattice["registry"], url, None, tmp_path / "scratch-deploy.log")
+        try:
+            output = watching.log_path.read_text()
+            assert "waiting for a wasmCloud host's heartbeat" in output and "host found" in output
+            assert "component runs its image as written" in output
+            assert "starting workload; the host pulls and compiles its image" in output
+            assert f"deployed 1 component(s) on host {host}" in output
+            seq = await send(nc, "bankaccount", _account("SCRATCH1", 70))
+            assert (await result(nc, seq, timeout=120))["status"] == "accepted"
+            # projected by the new workload
+            assert await eventually(lambda: _scratch_balance(nc), 70, timeout=120) == 70
 
-        status = _cli("status", "--nats-url", url).stdout
-        for workload, component in [("bankaccount-bankaccount-aggregate", "bankaccount bankaccount-aggregate"),
-                                    ("scratch-scratch-projector", "scratch scratch-projector")]:
-            assert f"  workload {workload} ({component}): running on host {host}" in status, status
-        as_json = json.loads(_cli("status", "--json", "--nats-url", url).stdout)
-        runs = {c["name"]: c for c in as_json[0]["components"]}
-        assert runs["scratch-projector"]["workload"]["state"] == "running"
+            status = _cli("status", "--nats-url", url).stdout
+            for workload, component in [("bankaccount-bankaccount-aggregate", "bankaccount bankaccount-aggregate"),
+                                        ("scratch-scratch-projector", "scratch scratch-projector")]:
+                assert f"  workload {workload} ({component}): running on host {host}" in status, status
+            as_json = json.loads(_cli("status", "--json", "--nats-url", url).stdout)
+            runs = {c["name"]: c for c in as_json[0]["components"]}
+            assert runs["scratch-projector"]["workload"]["state"] == "running"
 
-        undeployed = _cli("undeploy", str(manifest), "--nats-url", url).stdout
-        assert f"scratch-projector: unlinked; workload scratch-scratch-projector stopped on host {host}" in undeployed
-        state = json.loads((await nc.request(f"runtime.host.{host}.workload.status",
-                                             b'{"workloadId": "scratch-scratch-projector"}', timeout=10)).data)
-        assert state["workloadStatus"]["workloadState"] == "WORKLOAD_STATE_NOT_FOUND"
-        assert await kv_json(nc, "CC_DEPLOYED", "scratch.scratch-projector") is None
-        report = json.loads((await nc.request("cc.status", b"", timeout=10)).data)
-        assert "scratch-projector" not in {c["name"] for c in report["components"]}
-        status = _cli("status", "--nats-url", url).stdout
-        assert "scratch-scratch-projector" not in status
-        assert "  workload bankaccount-bankaccount-aggregate (bankaccount bankaccount-aggregate): running" in status
+            undeployed = _cli("undeploy", str(manifest), "--nats-url", url).stdout
+            assert (f"scratch-projector: unlinked; workload scratch-scratch-projector stopped on host {host}"
+                    in undeployed)
+            state = json.loads((await nc.request(f"runtime.host.{host}.workload.status",
+                                                 b'{"workloadId": "scratch-scratch-projector"}', timeout=10)).data)
+            assert state["workloadStatus"]["workloadState"] == "WORKLOAD_STATE_NOT_FOUND"
+            assert await kv_json(nc, "CC_DEPLOYED", "scratch.scratch-projector") is None
+            report = json.loads((await nc.request("cc.status", b"", timeout=10)).data)
+            assert "scratch-projector" not in {c["name"] for c in report["components"]}
+            status = _cli("status", "--nats-url", url).stdout
+            assert "scratch-scratch-projector" not in status
+            assert "  workload bankaccount-bankaccount-aggregate (bankaccount bankaccount-aggregate): running" in status
+            assert watching.process.wait(timeout=40) == 0  # at the host's next heartbeat, every 15 s
+            assert "the application was undeployed; the watch ends" in watching.log_path.read_text()
+        finally:
+            watching.stop()
 
 
 async def test_wire_transfer_through_the_process_manager_on_a_wasmcloud_host(lattice):
