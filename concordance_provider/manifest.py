@@ -113,12 +113,14 @@ def _target_name(link: dict[str, Any]) -> str:
 
 
 def is_oci_reference(image: str) -> bool:
-    """``oci://...``, or ``registry.host[:port]/repo:tag`` as wasmCloud users write images."""
+    """``oci://...``, or ``registry.host[:port]/repo:tag`` as wasmCloud users write images
+    (``localhost:5001/agg:0.1.0`` too); not a URL of another scheme, nor a path to a ``.wasm``."""
     if image.startswith("oci://"):
         return True
-    parsed = urlparse(image)
-    return not parsed.scheme and not image.startswith((".", "/")) and (
-        ":" in image or "." in image.split("/", 1)[0]) and not image.endswith(".wasm")
+    if "://" in image or image.startswith((".", "/")) or image.endswith(".wasm"):
+        return False
+    registry = image.split("/", 1)[0]
+    return ":" in image or "." in registry or registry == "localhost"
 
 
 def _image_path(image: str, base: Path, component: str) -> Path:

@@ -183,8 +183,12 @@ def test_for_deploy_an_oci_image_is_kept(tmp_path):
     body = APP.replace("file://./build/agg.wasm", "oci://127.0.0.1:5001/bank/agg:0.1.0")
     agg = load_manifest(write(tmp_path, body), need_files=False).components[0]
     assert agg.image == "127.0.0.1:5001/bank/agg:0.1.0" and agg.path is None
-    body = APP.replace("file://./build/agg.wasm", "ghcr.io/bank/agg:0.1.0")
-    assert load_manifest(write(tmp_path, body), need_files=False).components[0].image == "ghcr.io/bank/agg:0.1.0"
+    for image in ("ghcr.io/bank/agg:0.1.0", "localhost:5001/agg:0.1.0", "localhost/agg"):
+        body = APP.replace("file://./build/agg.wasm", image)
+        assert load_manifest(write(tmp_path, body), need_files=False).components[0].image == image
+    body = APP.replace("file://./build/agg.wasm", "https://example.org/agg.wasm")
+    with pytest.raises(ManifestError, match="'https://example.org/agg.wasm' is not a local file"):
+        load_manifest(write(tmp_path, body), need_files=False)
 
 
 def test_for_deploy_a_component_with_neither_image_nor_source_is_named(tmp_path):
