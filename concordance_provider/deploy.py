@@ -242,7 +242,10 @@ async def undeploy(nc: NATS, manifest: Manifest, lattice: str, provider_id: str,
         link_lattice, link_provider = (record.lattice, record.provider_id) if record else (lattice, provider_id)
         answer = await _provider_request(nc, link_lattice, link_provider, "del",
                                          placement.link_definition(link_provider), wait=0)
-        unlinked = "unlinked" if answer and answer.get("was_linked") else "was not linked"
+        if answer is None:
+            unlinked = f"no daemon serves lattice {link_lattice!r} as {link_provider!r}"
+        else:
+            unlinked = "unlinked" if answer.get("was_linked") else "was not linked"
         host = record.host_id if record else host_id
         if host is None:
             stopped = "not recorded as deployed (name its host with --host-id)"

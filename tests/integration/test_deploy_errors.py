@@ -72,6 +72,6 @@ def test_undeploying_what_was_never_deployed_says_so(tmp_path):
     with nats_server(tmp_path) as server:
         done = _cli("undeploy", str(example_manifest(tmp_path, {})), "--nats-url", server.url)
     assert done.returncode == 0, done.stderr
-    assert "bankaccount-aggregate: was not linked; workload bankaccount-bankaccount-aggregate not recorded as " \
-           "deployed (name its host with --host-id)" in done.stdout
+    assert ("bankaccount-aggregate: no daemon serves lattice 'default' as 'concordance'; workload "
+            "bankaccount-bankaccount-aggregate not recorded as deployed (name its host with --host-id)") in done.stdout
     assert "undeployed 4 component(s) of bankaccount" in done.stdout
