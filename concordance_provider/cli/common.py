@@ -163,16 +163,24 @@ async def nats_client(url: str) -> AsyncIterator[nats.aio.client.Client]:
 
 
 def run(work: Coroutine[Any, Any, T]) -> T:
-    """Run a client command's coroutine; a NATS error or timeout ends it with one line, not a traceback."""
+    """Run a client command's coroutine; a NATS error or timeout ends it with one line, not a
+    traceback. A permission NATS refused is named, even if the work went on without it (a
+    refused publish is only dropped), since what it found is then incomplete."""
     try:
-        return asyncio.run(work)
+        done = asyncio.run(work)
     except (nats.errors.Error, JetStreamError, asyncio.TimeoutError, TimeoutError) as exc:
-        if _refused:  # the cause of the timeout, or of an error that followed it
-            fail(f"NATS refused this user: {_refused[0]} (subjects in lower case, as nats-py reports them); "
-                 f"see `concordance nats-config` for what each user may do")
+        _fail_if_refused()
         if isinstance(exc, (nats.errors.Error, JetStreamError)) and not isinstance(exc, nats.errors.TimeoutError):
             fail(f"NATS: {redact(str(exc))}")
         fail("NATS did not answer in time")
+    _fail_if_refused()
+    return done
+
+
+def _fail_if_refused() -> None:
+    if _refused:
+        fail(f"NATS refused this user: {_refused[0]} (subjects in lower case, as nats-py reports them); "
+             f"see `concordance nats-config` for what each user may do")
 
 
 _DURATION = re.compile(r"^(\d+)([smhd])$")

@@ -146,6 +146,11 @@ async def test_generated_configuration_runs_the_bank_example_and_holds_each_part
                     assert done.returncode == 0, (user, args, done.stdout, done.stderr)
             assert _follows_one_event(secured, "auditor") == "account_created"
             assert secured.violations() == []
+            for args, subject in ((("deadletters", "list"), ".cc_deadletter"),
+                                  (("status",), "cc.status")):  # an auditor's reads, not a client's
+                done = concordance(*args, "--nats-url", secured.url, *secured.login("client"))
+                assert done.returncode == 2 and done.stderr.startswith("error: NATS refused this user") \
+                    and subject in done.stderr and "Traceback" not in done.stderr, done.stderr
             assert not [e for e in daemon.logs() if e.get("event") == "NATS error"], daemon.log_path.read_text()
 
             await _forbidden_to_a_client(secured)
