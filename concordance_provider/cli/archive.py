@@ -86,7 +86,9 @@ def provider_archive(
 
     The archive holds a POSIX sh launcher under each target (x86_64-linux unless told): a wasmCloud 1.x
     host runs it with no arguments and an empty environment, and it runs `concordance provider` with
-    the Python given by --python, which must exist at that path on every host. The claims are signed
+    the Python given by --python, which must exist at that path on every host.
+
+    The claims are signed
     with the issuer's account key; seeds are read from their files, or made and written there (mode
     0600), and never printed.
     """
