@@ -37,6 +37,7 @@ from .naming import (
     check_token,
 )
 from .status import STATUS_SUBJECT
+from .workers.stateless import read_model_bucket
 
 DAEMON_INBOX = "_INBOX"  # nats-py's default; only the daemon's user may subscribe to it
 ACCOUNT = "CONCORDANCE"
@@ -86,9 +87,6 @@ class Application(BaseModel):
 
     @classmethod
     def of(cls, interests: Iterable[Interest]) -> "Application":
-        # imported here: the workers import the stores, which import nothing of this module
-        from .workers.stateless import read_model_bucket
-
         aggregates, durables, buckets, handlers = [], [], [], []
         for interest in interests:
             if interest.role is Role.AGGREGATE:

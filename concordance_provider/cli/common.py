@@ -66,7 +66,7 @@ def _with_connection_options(function: Callable[..., Any]) -> Callable[..., Any]
 
     @functools.wraps(function)
     def command(*args: Any, **kwargs: Any) -> Any:
-        _connection.set({name: kwargs.pop(name) for name in CONNECTION_OPTIONS})
+        _connection.set({name: kwargs.pop(name, None) for name in CONNECTION_OPTIONS})
         return function(*args, **kwargs)
 
     extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind)
