@@ -21,7 +21,7 @@ import pytest
 
 from concordance_provider.nats_server import free_port, server_binary
 
-from .harness import DaemonProcess, eventually, example_manifest, kv_json, ledger
+from .harness import DaemonProcess, eventually, example_manifest, kv_json, ledger, logged
 
 pytestmark = pytest.mark.integration
 
@@ -279,3 +279,13 @@ async def test_credentials_in_a_url_stay_out_of_errors_and_logs(example_componen
             done = concordance(*args, "--nats-url", f"nats://client:{wrong}@127.0.0.1:{closed}")
             assert done.returncode == 2 and "127.0.0.1" in done.stderr, done.stderr
             assert wrong not in done.stdout + done.stderr
+        # the daemon waits for a server that is not up yet, logging each refused connection
+        waiting = DaemonProcess(manifest, tmp_path / "waiting.log", "--nats-url",
+                                f"nats://concordance:{wrong}@127.0.0.1:{closed}")
+        try:
+            await logged(waiting, "NATS error", count=2, timeout=60)
+        finally:
+            waiting.process.kill()  # by its PID; it is not connected, so nothing is left unsettled
+            waiting.stop()
+        assert f"127.0.0.1', {closed}" in waiting.log_path.read_text()
+        assert wrong not in waiting.log_path.read_text()
