@@ -180,6 +180,17 @@ def client(app: Application, inbox_prefix: str) -> Permissions:
     return Permissions(publish=tuple(publish), subscribe=(f"{inbox_prefix}.>", RESULTS_WATCH))
 
 
+def keyed_client(instances: Iterable[tuple[str, str]], inbox_prefix: str) -> Permissions:
+    """A client held to some aggregate instances (aggregate, key): it sends their commands, with the
+    key in the subject, and waits for and reads their outcomes (what `concordance send` does)."""
+    publish, subscribe = [], [f"{inbox_prefix}.>"]
+    for aggregate, key in instances:
+        outcomes = f"$KV.{RESULTS_BUCKET}.{aggregate}.{key}.>"
+        publish += [f"{COMMAND_PREFIX}.{aggregate}.{key}", f"$JS.API.DIRECT.GET.KV_{RESULTS_BUCKET}.{outcomes}"]
+        subscribe.append(outcomes)
+    return Permissions(publish=tuple(publish), subscribe=tuple(subscribe))
+
+
 def auditor(app: Application, inbox_prefix: str) -> Permissions:
     """Reads everything that is stored and asks the daemons for their status; changes nothing."""
     streams = (*app.streams, f"KV_{DEPLOYED_BUCKET}")  # what `deploy` placed on hosts, shown by status

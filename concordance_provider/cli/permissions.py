@@ -18,6 +18,7 @@ from ..permissions import (
     Lattice,
     User,
     inbox_prefix_of,
+    keyed_client,
     new_password,
     permissions_of,
     server_config,
@@ -39,6 +40,21 @@ def _password(user: str, given: Path | None, secrets_dir: Path) -> tuple[SecretS
     if any(c in secret.get_secret_value() for c in '"\\') or not secret.get_secret_value().isprintable():
         raise SecretError(f"password file {path}: use printable characters other than \" and \\")
     return secret, path, False
+
+
+def _instances(client_keys: list[str], application: Application) -> list[tuple[str, str]]:
+    """(aggregate, key) of each ``AGGREGATE.KEY``; fails naming a wrong one."""
+    found = []
+    for given in client_keys:
+        aggregate, _, key = given.partition(".")
+        if aggregate not in application.aggregates:
+            fail(f"--client-key {given!r}: no aggregate {aggregate!r} in the manifest "
+                 f"(known: {', '.join(application.aggregates) or 'none'})")
+        try:
+            found.append((aggregate, check_token(key, "key")))
+        except InvalidName as exc:
+            fail(f"--client-key {given!r}: {exc}")
+    return found
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -67,6 +83,9 @@ def nats_config(
     operator_password_file: Optional[Path] = typer.Option(None),
     auditor_user: str = typer.Option("auditor", help="a read-only user"),
     auditor_password_file: Optional[Path] = typer.Option(None),
+    client_keys: list[str] = typer.Option([], "--client-key", help="AGGREGATE.KEY: hold the client to this "
+                                          "instance's commands and outcomes (repeat for more); without it, the "
+                                          "client may command every key and read everything stored"),
     lattice: Optional[str] = typer.Option(None, help="the daemon runs with --lattice: let it serve that "
                                                      "lattice's provider subjects and call components on hosts"),
     provider_id: str = typer.Option("concordance", help="with --lattice: the daemon's provider id"),
@@ -100,6 +119,8 @@ def nats_config(
             fail(str(exc))
         permissions = permissions_of(role, application, prefix, Lattice(name=lattice, provider_id=provider_id)
                                      if lattice else None)
+        if role == "client" and client_keys:
+            permissions = keyed_client(_instances(client_keys, application), prefix)
         users.append(User(name=name, password=password, permissions=permissions))
         lines.append(f"{role:9} user {name}, password in {path}{' (generated)' if made else ''}, "
                      f"inbox prefix {prefix}")

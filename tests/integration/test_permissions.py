@@ -289,3 +289,46 @@ async def test_credentials_in_a_url_stay_out_of_errors_and_logs(example_componen
             waiting.stop()
         assert f"127.0.0.1', {closed}" in waiting.log_path.read_text()
         assert wrong not in waiting.log_path.read_text()
+
+
+async def test_a_client_held_to_one_key_sends_its_commands_and_nothing_else(example_components, tmp_path):
+    manifest = example_manifest(tmp_path, {})
+    port = free_port()
+    config = tmp_path / "nats.conf"
+    done = concordance("nats-config", str(manifest), "-o", str(config), "--listen", f"127.0.0.1:{port}",
+                       "--client-key", "bankaccount.ABC123")
+    assert done.returncode == 0, done.stderr
+    with serving(tmp_path, config, port) as secured:
+        daemon = start_daemon(secured, manifest, tmp_path / "daemon.log")
+        try:
+            daemon.wait_ready()
+            sent = concordance("send", "bankaccount", f"@{COMMANDS / 'create_account_cmd.json'}",
+                               "--nats-url", secured.url, *secured.login("client"))
+            assert sent.returncode == 0 and '"accepted"' in sent.stdout, sent.stdout + sent.stderr
+            other = concordance("send", "bankaccount", json.dumps({"command_type": "create_account", "key": "XYZ",
+                                "data": {"accountNumber": "XYZ", "initialBalance": 1, "customerId": "C"}}),
+                                "--nats-url", secured.url, *secured.login("client"))
+            assert other.returncode == 2 and 'publish to "cc.commands.bankaccount.xyz"' in other.stderr, other.stderr
+            read = concordance("state", "bankaccount", "ABC123", "--nats-url", secured.url, *secured.login("client"))
+            assert read.returncode == 2 and "NATS refused this user" in read.stderr, read.stderr
+
+            errors: list[str] = []
+
+            async def collect(exc: Exception) -> None:
+                errors.append(str(exc))
+
+            nc = await nats.connect(secured.url, user="client", password=secured.password("client"),
+                                    inbox_prefix="_INBOX_client", error_cb=collect)
+            try:
+                for attempt, subject in [
+                    (lambda: nc.request("cc.commands.bankaccount", b"{}", timeout=1), "cc.commands.bankaccount"),
+                    (lambda: nc.request("$JS.API.DIRECT.GET.KV_CC_RESULTS.$KV.CC_RESULTS.bankaccount.XYZ.1", b"",
+                                        timeout=1), "$JS.API.DIRECT.GET.KV_CC_RESULTS.$KV.CC_RESULTS.bankaccount.XYZ.1"),
+                    (lambda: nc.subscribe("$KV.CC_RESULTS.bankaccount.XYZ.>"), "$KV.CC_RESULTS.bankaccount.XYZ.>"),
+                ]:
+                    await _refused(nc, errors, attempt, subject)
+            finally:
+                await nc.close()
+            assert daemon.process.poll() is None
+        finally:
+            daemon.stop()

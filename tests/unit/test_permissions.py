@@ -17,6 +17,7 @@ from concordance_provider.permissions import (
     auditor,
     client,
     daemon,
+    keyed_client,
     operator,
     refusal,
     subject_matches,
@@ -102,6 +103,17 @@ def test_a_client_sends_to_its_aggregates_reads_and_writes_nothing_else(bank):
                     "$JS.API.CONSUMER.CREATE.CC_EVENTS", "$JS.API.CONSUMER.CREATE.KV_CC_RESULTS", "cc.status"):
         assert not c.allows("publish", subject), subject
     assert not c.allow_responses
+
+
+def test_a_keyed_client_reaches_its_own_instances_only():
+    c = keyed_client([("bankaccount", "ABC123")], "_INBOX_alice")
+    assert c.allows("publish", "cc.commands.bankaccount.ABC123")
+    assert c.allows("publish", "$JS.API.DIRECT.GET.KV_CC_RESULTS.$KV.CC_RESULTS.bankaccount.ABC123.7")
+    assert c.allows("subscribe", "$KV.CC_RESULTS.bankaccount.ABC123.7")
+    for subject in ("cc.commands.bankaccount", "cc.commands.bankaccount.XYZ", "$JS.API.DIRECT.GET.KV_CC_RESULTS",
+                    "$JS.API.DIRECT.GET.KV_CC_RESULTS.$KV.CC_RESULTS.*.*.7", "$JS.API.DIRECT.GET.KV_CC_STATE"):
+        assert not c.allows("publish", subject), subject
+    assert not c.allows("subscribe", "$KV.CC_RESULTS.bankaccount.XYZ.7")
 
 
 def test_the_auditor_reads_and_the_operator_retries_only_in_the_retry_form(bank):
@@ -213,3 +225,10 @@ def test_no_log_line_carries_the_credentials_of_a_url(capsys):
     line = capsys.readouterr().err
     assert "nats://127.0.0.1:1" in line and "tls://host:4443" in line
     assert "s3cret" not in line and "hunter2" not in line
+
+
+@pytest.mark.parametrize("given, error", [("payroll.ABC123", "no aggregate 'payroll' in the manifest"),
+                                          ("bankaccount.A.B", "key 'A.B' is not allowed")])
+def test_nats_config_refuses_a_client_key_it_cannot_grant(tmp_path, given, error):
+    done = _nats_config("-o", str(tmp_path / "nats.conf"), "--client-key", given)
+    assert done.returncode == 2 and error in done.stderr, done.stderr
