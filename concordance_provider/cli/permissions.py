@@ -109,18 +109,25 @@ def nats_config(
               "operator": (operator_user, operator_password_file), "auditor": (auditor_user, auditor_password_file)}
     if len({name for name, _ in chosen.values()}) < len(chosen):
         fail("each role needs its own user name")
+    try:  # every name checked before any password file is made
+        for name, _ in chosen.values():
+            check_token(name, "user name")
+    except InvalidName as exc:
+        fail(str(exc))
+    prefixes = {role: DAEMON_INBOX if role == "daemon" else inbox_prefix_of(name)
+                for role, (name, _) in chosen.items()}
+    instances = _instances(client_keys, application)
     users, lines = [], []
     for role, (name, password_file) in chosen.items():
         try:
-            prefix = inbox_prefix_of(name) if role != "daemon" else DAEMON_INBOX
-            check_token(name, "user name")
             password, path, made = _password(name, password_file, secrets)
-        except (InvalidName, SecretError) as exc:
+        except SecretError as exc:
             fail(str(exc))
+        prefix = prefixes[role]
         permissions = permissions_of(role, application, prefix, Lattice(name=lattice, provider_id=provider_id)
                                      if lattice else None)
-        if role == "client" and client_keys:
-            permissions = keyed_client(_instances(client_keys, application), prefix)
+        if role == "client" and instances:
+            permissions = keyed_client(instances, prefix)
         users.append(User(name=name, password=password, permissions=permissions))
         lines.append(f"{role:9} user {name}, password in {path}{' (generated)' if made else ''}, "
                      f"inbox prefix {prefix}")
