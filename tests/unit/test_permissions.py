@@ -196,7 +196,7 @@ def test_nats_config_writes_private_files_and_never_prints_a_password(tmp_path):
 def test_nats_config_refuses_a_user_name_that_is_not_a_token(tmp_path):
     done = _nats_config("-o", str(tmp_path / "nats.conf"), "--client-user", "a.b")
     assert done.returncode == 2 and "user name 'a.b' is not allowed" in done.stderr
-    assert not (tmp_path / "nats.conf").exists()
+    assert not (tmp_path / "nats.conf").exists() and not (tmp_path / "nats-secrets").exists()
 
 
 def test_nats_config_refuses_a_missing_password_file(tmp_path):
