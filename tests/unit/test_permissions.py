@@ -220,9 +220,12 @@ def test_no_log_line_carries_the_credentials_of_a_url(capsys):
     from concordance_provider.logging import configure
 
     configure("info", "json")
-    structlog.get_logger("test").warning("cannot reach", url="nats://alice:s3cret@127.0.0.1:1",
-                                         error="tls://bob:hunter2@host:4443 refused")
-    line = capsys.readouterr().err
+    try:
+        structlog.get_logger("test").warning("cannot reach", url="nats://alice:s3cret@127.0.0.1:1",
+                                             error="tls://bob:hunter2@host:4443 refused")
+        line = capsys.readouterr().err
+    finally:
+        structlog.reset_defaults()  # the configured logger writes to this test's captured stderr
     assert "nats://127.0.0.1:1" in line and "tls://host:4443" in line
     assert "s3cret" not in line and "hunter2" not in line
 
