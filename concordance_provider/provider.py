@@ -230,6 +230,11 @@ def link_spec(link: LinkDefinition, lattice: str, defaults: dict[str, str],
     subject = values.get("DISPATCH_SUBJECT") or f"cc.dispatch.{lattice}.{link.source_id}"
     if any(not token or token in ("*", ">") or any(c.isspace() for c in token) for token in subject.split(".")):
         raise LinkError(f"DISPATCH_SUBJECT {subject!r} is not a NATS subject without wildcards")
+    if not subject.startswith(f"cc.dispatch.{lattice}."):
+        # Commands and state go to whoever answers there: only the lattice's dispatch subjects,
+        # which an operator grants to its hosts alone, may be named.
+        raise LinkError(f"DISPATCH_SUBJECT {subject!r} is outside cc.dispatch.{lattice}.>, the subjects "
+                        f"this lattice's hosts answer on")
     return ComponentSpec(name=link.link_id, interest=interest, dispatch_subject=subject)
 
 

@@ -63,6 +63,14 @@ def test_a_link_runs_on_a_host_by_default_and_in_process_from_the_component_dire
         link_spec(_link(**AGGREGATE, COMPONENT_FILE="missing.wasm"), "default", {}, tmp_path)
 
 
+def test_a_dispatch_subject_outside_the_lattice_dispatch_subjects_is_refused():
+    assert link_spec(_link(**AGGREGATE, DISPATCH_SUBJECT="cc.dispatch.default.orders"), "default",
+                     {}).dispatch_subject == "cc.dispatch.default.orders"
+    for subject in ("mallory.decides", "cc.dispatch.other.orders", "cc.dispatch.default", "cc.dispatch.defaultx.a"):
+        with pytest.raises(LinkError, match="outside cc.dispatch.default.>"):
+            link_spec(_link(**AGGREGATE, DISPATCH_SUBJECT=subject), "default", {})
+
+
 def test_component_file_outside_the_component_directory_is_refused_alike_whether_it_exists(tmp_path: Path):
     inside = tmp_path / "components"
     inside.mkdir()
