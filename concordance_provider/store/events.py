@@ -144,9 +144,10 @@ class EventLog:
             raise AlreadyAppended(f"{message.subject}: message id {message.headers.get(MESSAGE_ID)} is stored")
         return int(ack["seq"])
 
-    async def publish_one(self, event: CloudEvent, key: str, msg_id: str, causation: str) -> int:
+    async def publish_one(self, event: CloudEvent, key: str, msg_id: str, causation: str,
+                          traceparent: str | None = None) -> int:
         """An event reported by a gateway: not guarded, deduplicated by ``msg_id``."""
-        message = to_message(event, key, causation, msg_id)
+        message = to_message(event, key, causation, msg_id, traceparent)
         if self.signer is not None:
             message = signed(message, self.signer)
         return await publish(self._nc, message.subject, message.data, message.headers)

@@ -40,6 +40,7 @@ from ..store.events import EventLog
 from ..store.filtered_log import FilteredLog
 from ..store.jetstream import PayloadTooLarge, StoredMessage
 from ..store.readmodel import MAX_KEYS_PER_GET, ReadModel
+from ..tracing import TRACEPARENT, child_of
 from ..wire import BadMessage, new_event
 from .base import (
     ConsumerSpec,
@@ -62,6 +63,7 @@ class Called:
 
     event: LoggedEvent
     effects: HandlerEffects
+    traceparent: str | None = None  # the handled event's trace context, continued by what it publishes
 
 
 def read_model_bucket(interest: Interest) -> str:
@@ -131,7 +133,7 @@ class StatelessWorker:
             check_effects(effects)  # a remote component hands its writes over with its answer
         except (RejectedByComponent, ComponentFailed, OverCap) as exc:
             raise Retry(f"handler failed on {event.event_type}: {exc}") from None
-        return Called(event, effects)
+        return Called(event, effects, child_of((msg.headers or {}).get(TRACEPARENT)))
 
     async def finish(self, called: Called | None) -> dict[str, str | None]:
         """An event's read-model writes, checked, once the events it reports are published."""
@@ -149,7 +151,8 @@ class StatelessWorker:
         try:
             for index, (key, cloud) in enumerate(outgoing):
                 msg_id = f"{self.interest.consumer_name}:{event.seq}:{index}"
-                await self._events.publish_one(cloud, key, msg_id, causation=f"event:{event.seq}")
+                await self._events.publish_one(cloud, key, msg_id, causation=f"event:{event.seq}",
+                                               traceparent=called.traceparent)
         except PayloadTooLarge as exc:
             raise Retry(f"handler produced a message too large to store: {exc}") from None
         return effects.puts

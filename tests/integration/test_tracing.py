@@ -50,5 +50,8 @@ async def test_one_business_transaction_is_followed_across_components(example_co
                 later = [await result(nc, seq) for seq in range(wired + 1, wired + 3)]
                 assert sorted(o["command_type"] for o in later) == ["commit_funds", "reserve_funds"]
                 assert all(trace_id(o["traceparent"]) == trace_id(TRACE) for o in later)
+                # and so does the other bank's answer, whichever of it and the reservation comes last
+                answers = await read_all(nc, "CC_EVENTS", "cc.events.*.interbank.>")
+                assert answers and all(trace_id(m.headers["traceparent"]) == trace_id(TRACE) for m in answers)
         logged = [e for e in process.logs() if e.get("trace_id") == trace_id(TRACE)]
         assert logged, "log lines carry the trace id"
