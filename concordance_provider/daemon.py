@@ -53,9 +53,14 @@ class DaemonFailed(Exception):
 _FATAL_AT_START = ("authorization violation", "authentication", "certificate", "ssl", "tls")
 
 
+class StoppedBeforeConnecting(Exception):
+    """Asked to stop while still waiting for a NATS server that is not up."""
+
+
 async def connect(options: NatsOptions, error_cb: Callable[[Exception], Awaitable[None]] | None = None,
-                  **callbacks: object) -> tuple[NATS, JetStreamContext]:
-    """Connect, waiting for a server that is not up yet but failing fast on refused credentials."""
+                  stop: asyncio.Event | None = None, **callbacks: object) -> tuple[NATS, JetStreamContext]:
+    """Connect, waiting for a server that is not up yet but failing fast on refused credentials;
+    ``stop`` ends the wait (StoppedBeforeConnecting)."""
     fatal: asyncio.Future[Exception] = asyncio.get_running_loop().create_future()
 
     async def on_error(exc: Exception) -> None:
@@ -65,10 +70,14 @@ async def connect(options: NatsOptions, error_cb: Callable[[Exception], Awaitabl
             await error_cb(exc)
 
     connecting = asyncio.ensure_future(nats.connect(**options.connect_kwargs(), error_cb=on_error, **callbacks))
-    await asyncio.wait({connecting, fatal}, return_when=asyncio.FIRST_COMPLETED)
+    stopped = asyncio.ensure_future((stop or asyncio.Event()).wait())
+    await asyncio.wait({connecting, fatal, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
     if not connecting.done():
         connecting.cancel()
-        raise ConnectionRefusedError(f"NATS refused the connection: {fatal.result()}")
+        if fatal.done():
+            raise ConnectionRefusedError(f"NATS refused the connection: {fatal.result()}")
+        raise StoppedBeforeConnecting()
     fatal.cancel()
     nc = connecting.result()
     return nc, nc.jetstream(domain=options.js_domain)
@@ -160,7 +169,7 @@ class Daemon:
                 self._failures.append(refused)
                 self.stopping.set()
 
-        return await connect(self.nats_options, disconnected_cb=on_disconnect,
+        return await connect(self.nats_options, disconnected_cb=on_disconnect, stop=self.stopping,
                              reconnected_cb=on_reconnect, error_cb=on_error)
 
     def _permissions(self) -> permissions.Permissions:
@@ -192,7 +201,11 @@ class Daemon:
         initial = list(self.manifest.components) if self.manifest else []
         # Load in-process components before connecting: a broken file fails the start at once.
         loaded = await asyncio.gather(*(load_component(s, self.cache_dir) for s in initial if s.path))
-        nc, js = self.nc, self.js = await self._connect()
+        try:
+            nc, js = self.nc, self.js = await self._connect()
+        except StoppedBeforeConnecting:  # Ctrl-C or SIGTERM while the server was not up yet
+            log.info("concordance stopped before NATS was reached", nats=self.nats_options.safe_url)
+            return
         self._stores = _Stores(EventLog(nc, self.signer), StateStore(nc, signer=self.signer),
                                ResultStore(js, self._aggregate_names), DeadLetters(nc))
         if self.signer is None:

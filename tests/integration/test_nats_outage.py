@@ -119,3 +119,15 @@ async def _until_health(port: int, wanted: int, timeout: float = 30) -> tuple[in
             assert status == wanted, report
             return status, report
         await asyncio.sleep(0.3)
+
+
+async def test_sigterm_stops_a_daemon_still_waiting_for_its_server(example_components, tmp_path):
+    """A daemon started before its NATS server is up stops at once when asked, and says so."""
+    waiting = DaemonProcess(MANIFEST, tmp_path / "waiting.log", "--nats-url", f"nats://127.0.0.1:{free_port()}")
+    try:
+        await logged(waiting, "NATS error", count=1, timeout=60)
+        waiting.process.send_signal(signal.SIGTERM)
+        assert waiting.process.wait(timeout=10) == 0
+    finally:
+        waiting.stop()
+    assert "concordance stopped before NATS was reached" in waiting.log_path.read_text()
