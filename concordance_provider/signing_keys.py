@@ -40,7 +40,12 @@ def _b32(data: bytes) -> str:
     return base64.b32encode(data).decode().rstrip("=")
 
 
-def _unb32_checked(text: str) -> bytes:
+def encode_checked(payload: bytes) -> str:
+    """An nkey's text: base32 of its prefix bytes and key, with their CRC16 (every nkey kind)."""
+    return _b32(payload + crc16_checksum(payload))
+
+
+def decode_checked(text: str) -> bytes:
     """The payload of a base32 nkey, its two CRC bytes checked and removed."""
     try:
         raw = base64.b32decode(text + "=" * (-len(text) % 8))
@@ -53,7 +58,7 @@ def _unb32_checked(text: str) -> bytes:
 
 def public_key_bytes(public_key: str, kind: KeyKind | None = None) -> bytes:
     """The 32 Ed25519 bytes of a public nkey (``A...``, ``V...``); NKeyError if it is not one."""
-    raw = _unb32_checked(public_key.strip())
+    raw = decode_checked(public_key.strip())
     if len(raw) != 33 or (kind is not None and raw[0] != kind.value):
         expected = f"an {kind.name.lower()} public key ({kind.letter}...)" if kind else "a public nkey"
         raise NKeyError(f"{public_key[:1]}... is not {expected}")
@@ -85,13 +90,13 @@ class SigningKey:
     def from_raw(cls, kind: KeyKind, raw: bytes) -> "SigningKey":
         header = bytes([SEED_PREFIX | kind.value >> 5, (kind.value & 31) << 3])
         payload = header + raw
-        return cls(kind, _b32(payload + crc16_checksum(payload)), nacl.signing.SigningKey(raw))
+        return cls(kind, encode_checked(payload), nacl.signing.SigningKey(raw))
 
     @classmethod
     def from_seed(cls, seed: str, kind: KeyKind) -> "SigningKey":
         """The key of an ``S...`` seed; NKeyError if it is not a seed of ``kind``."""
         try:
-            raw = _unb32_checked(seed.strip())
+            raw = decode_checked(seed.strip())
         except NKeyError as exc:
             raise NKeyError(f"not an nkey seed: {exc}") from None
         if len(raw) != 34 or raw[0] & 0xF8 != SEED_PREFIX:
@@ -113,7 +118,7 @@ class SigningKey:
     @property
     def public_key(self) -> str:
         payload = bytes([self.kind.value]) + bytes(self._signing.verify_key)
-        return _b32(payload + crc16_checksum(payload))
+        return encode_checked(payload)
 
     def sign(self, data: bytes) -> bytes:
         return self._signing.sign(data).signature

@@ -7,12 +7,11 @@ nonce and a NaCl ``crypto_box`` (X25519, XSalsa20-Poly1305) from the sender's ke
 
 from __future__ import annotations
 
-import base64
-import binascii
-
 import nkeys
 from nacl.exceptions import CryptoError
 from nacl.public import Box, PrivateKey, PublicKey
+
+from .signing_keys import NKeyError, decode_checked, encode_checked
 
 PREFIX_BYTE_CURVE = 23 << 3  # "X"
 VERSION_V1 = b"xkv1"
@@ -26,16 +25,9 @@ class XKeyError(ValueError):
 def _decode(text: str) -> bytes:
     """The checked payload of an nkeys-encoded string (prefix bytes and key, without the CRC)."""
     try:
-        raw = base64.b32decode(text + "=" * (-len(text) % 8))
-    except (binascii.Error, ValueError):
-        raise XKeyError("not an nkeys-encoded key") from None
-    if len(raw) < 3 or nkeys.crc16_checksum(raw[:-2]) != raw[-2:]:
-        raise XKeyError("the key's checksum does not match")
-    return raw[:-2]
-
-
-def _encode(payload: bytes) -> str:
-    return base64.b32encode(payload + nkeys.crc16_checksum(payload)).decode().rstrip("=")
+        return decode_checked(text)
+    except NKeyError as exc:
+        raise XKeyError(f"not an nkeys-encoded key: {exc}") from None
 
 
 class XKey:
@@ -68,14 +60,14 @@ class XKey:
         return cls(PublicKey(raw[1:]))
 
     def public_key(self) -> str:
-        return _encode(bytes([PREFIX_BYTE_CURVE]) + bytes(self._public))
+        return encode_checked(bytes([PREFIX_BYTE_CURVE]) + bytes(self._public))
 
     def seed(self) -> str:
         if self._private is None:
             raise XKeyError("a public key has no seed")
         first = nkeys.PREFIX_BYTE_SEED | PREFIX_BYTE_CURVE >> 5
         second = (PREFIX_BYTE_CURVE & 31) << 3
-        return _encode(bytes([first, second]) + bytes(self._private))
+        return encode_checked(bytes([first, second]) + bytes(self._private))
 
     def seal(self, message: bytes, recipient: "XKey") -> bytes:
         """``message`` sealed from this key to ``recipient``."""
