@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,7 +20,7 @@ import nats
 from nats.aio.client import Client as NATS
 
 from concordance_provider.naming import command_subject
-from concordance_provider.nats_server import EmbeddedNatsServer, free_port
+from concordance_provider.nats_server import EmbeddedNatsServer, free_port, server_binary
 from concordance_provider.store.results import read_result
 
 READY_TIMEOUT = 120.0
@@ -46,6 +47,30 @@ def nats_server(tmp_path: Path) -> Iterator[EmbeddedNatsServer]:
         yield server
     finally:
         server.stop()
+
+
+@contextmanager
+def configured_nats_server(config: Path, port: int, log: Path | None = None) -> Iterator[subprocess.Popen]:
+    """nats-server run with its own configuration file (auth, TLS, permissions), listening on
+    127.0.0.1:``port``; stopped by its PID."""
+    output = ["-l", str(log)] if log else []
+    process = subprocess.Popen([server_binary(), "-c", str(config), *output], stdin=subprocess.DEVNULL,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            assert process.poll() is None, f"nats-server refused its configuration:\n{config.read_text()}"
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.2).close()
+                break
+            except OSError:
+                time.sleep(0.05)  # polling, bounded by the deadline
+        else:
+            raise AssertionError(f"nats-server did not listen on port {port} within 15s")
+        yield process
+    finally:
+        process.terminate()
+        process.wait(10)
 
 
 class DaemonProcess:

@@ -7,7 +7,6 @@ import asyncio
 import json
 import select
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,9 +18,9 @@ from typing import Iterator
 import nats
 import pytest
 
-from concordance_provider.nats_server import free_port, server_binary
+from concordance_provider.nats_server import free_port
 
-from .harness import DaemonProcess, eventually, example_manifest, kv_json, ledger, logged
+from .harness import DaemonProcess, configured_nats_server, eventually, example_manifest, kv_json, ledger, logged
 
 pytestmark = pytest.mark.integration
 
@@ -66,22 +65,8 @@ def _generate(tmp_path: Path, manifest: Path) -> tuple[Path, int]:
 def serving(tmp_path: Path, config: Path, port: int) -> Iterator[Secured]:
     """nats-server run with ``config``, logging to a file; stopped by its PID."""
     log = tmp_path / "nats-server.log"
-    process = subprocess.Popen([server_binary(), "-c", str(config), "-l", str(log)], stdin=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            assert process.poll() is None, f"nats-server refused the generated configuration:\n{config.read_text()}"
-            try:
-                socket.create_connection(("127.0.0.1", port), 0.2).close()
-                break
-            except OSError:
-                time.sleep(0.05)  # polling, bounded by the deadline
-        else:
-            raise AssertionError(f"nats-server did not listen on port {port} within 15s")
+    with configured_nats_server(config, port, log):
         yield Secured(f"nats://127.0.0.1:{port}", config, tmp_path / "nats-secrets", log)
-    finally:
-        process.terminate()
-        process.wait(10)
 
 
 def start_daemon(secured: Secured, manifest: Path, log: Path) -> DaemonProcess:

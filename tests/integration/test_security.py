@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,9 +17,9 @@ import nats
 import pytest
 
 from concordance_provider.build import build_component
-from concordance_provider.nats_server import free_port, server_binary
+from concordance_provider.nats_server import free_port
 
-from .harness import client, daemon, eventually, events, events_of_stream, kv_json, nats_server, result, send
+from .harness import client, configured_nats_server, daemon, eventually, events, events_of_stream, kv_json, nats_server, result, send
 
 pytestmark = pytest.mark.integration
 
@@ -37,23 +36,8 @@ def configured_server(tmp_path: Path, settings: str, scheme: str = "nats") -> It
     port = free_port()
     config = tmp_path / "nats.conf"
     config.write_text(f'listen: "127.0.0.1:{port}"\njetstream {{ store_dir: "{tmp_path / "js"}" }}\n{settings}\n')
-    process = subprocess.Popen([server_binary(), "-c", str(config)], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            assert process.poll() is None, f"nats-server refused its configuration:\n{config.read_text()}"
-            try:
-                socket.create_connection(("127.0.0.1", port), 0.2).close()
-                break
-            except OSError:
-                time.sleep(0.05)  # polling, bounded by the deadline
-        else:
-            raise AssertionError(f"nats-server did not listen on port {port} within 15s")
+    with configured_nats_server(config, port):
         yield f"{scheme}://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait(10)
 
 
 def _certificates(tmp_path: Path) -> dict[str, Path]:
