@@ -73,9 +73,17 @@ class AggregateWorker:
         return consumer_for(self.interest, EVENTS_STREAM, self.interest.consumer_name, (stream_filter(self.stream),))
 
     async def dispatch_commands(self, batch: list[Msg], stopping: asyncio.Event) -> None:
-        await dispatch_by_key(batch, _command_key, lambda m: self._settle_command(m, self.on_command),
-                              stopping, must_wait=self._command_order.must_wait,
+        settled = 0
+
+        async def settle(msg: Msg) -> bool:
+            nonlocal settled
+            done = await self._settle_command(msg, self.on_command)
+            settled += done
+            return done
+
+        await dispatch_by_key(batch, _command_key, settle, stopping, must_wait=self._command_order.must_wait,
                               finished=self._command_order.finished)
+        self._command_order.batch_done(settled == len(batch))
 
     async def dispatch_events(self, batch: list[Msg], stopping: asyncio.Event) -> None:
         await dispatch_by_key(batch, lambda m: m.subject.rsplit(".", 1)[-1],

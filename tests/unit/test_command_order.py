@@ -72,10 +72,12 @@ class FakeMsg:
     naks: list[float | None] = field(default_factory=list)
     is_acked: bool = False
     subject: str = "cc.commands.bankaccount"
+    delivery: int = 0  # the consumer's delivery sequence
 
     @property
     def metadata(self) -> SimpleNamespace:
-        return SimpleNamespace(sequence=SimpleNamespace(stream=self.seq), num_delivered=self.num_delivered)
+        return SimpleNamespace(sequence=SimpleNamespace(stream=self.seq, consumer=self.delivery),
+                               num_delivered=self.num_delivered)
 
     @property
     def data(self) -> bytes:
@@ -206,3 +208,83 @@ def test_waiting_in_place_needs_every_earlier_command_settled() -> None:
     batch = [FakeMsg(41, "A")]
     handled, _ = hold(batch, {41: (20, 30)}, settles={20})
     assert handled == [] and batch[0].naks == [ORDER_WAIT_SECONDS]
+
+
+# -- batches cleared without asking the server -----------------------------------------------------
+
+class CountingQueue(CommandQueue):
+    """The queue with its stored commands given, counting the reads of them."""
+
+    def __init__(self, stored: list[tuple[int, str | None]]) -> None:
+        super().__init__("bankaccount")
+        self.stored = stored
+        self.reads = 0
+
+    async def unfinished(self, nc, below_seq: int, page: int = 256) -> list[tuple[int, str | None]]:
+        self.reads += 1
+        return [(seq, key) for seq, key in self.stored if seq < below_seq]
+
+
+def deliveries(*pairs: tuple[int, int], key: str = "A", num_delivered: int = 1) -> list[FakeMsg]:
+    """Messages from (stream sequence, delivery sequence) pairs."""
+    return [FakeMsg(seq, key, num_delivered=num_delivered, delivery=delivery) for seq, delivery in pairs]
+
+
+def waits(queue: CountingQueue, batch: list[FakeMsg], settled: bool = True) -> dict[int, tuple[int, ...]]:
+    for msg in batch:
+        msg._client = None  # type: ignore[attr-defined]
+    waiting = asyncio.run(queue.must_wait(batch))  # type: ignore[arg-type]
+    queue.batch_done(settled)
+    return waiting
+
+
+def test_a_lone_daemon_reads_the_queue_once_then_follows_its_own_deliveries() -> None:
+    queue = CountingQueue([])
+    queue.stored = [(1, "A"), (2, "B")]
+    assert waits(queue, deliveries((1, 1), (2, 2))) == {}
+    queue.stored = [(3, "A"), (4, "A"), (5, "B")]
+    assert waits(queue, deliveries((3, 3), (4, 4), (5, 5))) == {}
+    assert waits(queue, deliveries((6, 6))) == {}
+    assert queue.reads == 1
+
+
+def test_a_delivery_to_another_daemon_in_between_makes_the_batch_read() -> None:
+    queue = CountingQueue([(1, "A")])
+    waits(queue, deliveries((1, 1)))
+    queue.stored = [(2, "A"), (3, "A")]  # 2 went to another daemon, as delivery 2
+    assert waits(queue, deliveries((3, 3))) == {3: (2,)}
+    assert queue.reads == 2
+
+
+def test_a_redelivered_command_makes_the_batch_read() -> None:
+    queue = CountingQueue([(1, "A")])
+    waits(queue, deliveries((1, 1)))
+    queue.stored = [(2, "A"), (5, "A")]
+    waits(queue, deliveries((2, 2), num_delivered=2) + deliveries((5, 3)))
+    assert queue.reads == 2
+
+
+def test_a_batch_not_all_settled_makes_the_next_one_read() -> None:
+    queue = CountingQueue([(1, "A")])
+    waits(queue, deliveries((1, 1)), settled=False)  # 1 went back to the server, still stored
+    queue.stored = [(1, "A"), (2, "A")]
+    assert waits(queue, deliveries((2, 2))) == {2: (1,)}
+
+
+def test_a_command_held_elsewhere_keeps_every_later_batch_read_until_it_is_gone() -> None:
+    # a dead daemon holds 1 (key A): batches of other keys are decided, but not trusted as clear
+    queue = CountingQueue([(1, "A"), (2, "B")])
+    assert waits(queue, deliveries((2, 2), key="B")) == {}
+    queue.stored = [(1, "A"), (3, "A")]
+    assert waits(queue, deliveries((3, 3))) == {3: (1,)}
+    queue.stored = [(4, "A")]  # 1 redelivered and decided; 3 was handed back and decided
+    waits(queue, deliveries((4, 6)))
+    assert queue.reads == 3
+
+
+def test_a_batch_ending_in_a_redelivery_is_not_trusted_as_a_frontier() -> None:
+    # the consumer may have first-delivered later commands (to another daemon) before this redelivery
+    queue = CountingQueue([(1, "A")])
+    waits(queue, deliveries((1, 5), num_delivered=2))
+    queue.stored = [(3, "A"), (4, "A")]  # 3 was first delivered elsewhere, as delivery 4
+    assert waits(queue, deliveries((4, 6))) == {4: (3,)}
