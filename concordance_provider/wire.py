@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import uuid
 from datetime import datetime, timezone
 from typing import Any, Literal
@@ -67,12 +68,21 @@ def parse_command(body: bytes, subject_key: str | None = None) -> RawCommand:
     return command
 
 
+_random = random.Random()  # seeded from the OS at start
+
+
+def random_uuid4() -> uuid.UUID:
+    """A version-4 UUID from the process's PRNG: unique, without a system call per id as
+    ``uuid.uuid4`` makes (event ids are names, not secrets)."""
+    return uuid.UUID(int=_random.getrandbits(128), version=4)
+
+
 class CloudEvent(BaseModel):
     """CloudEvents 1.0, structured JSON mode, as the original contract publishes them."""
 
     model_config = ConfigDict(populate_by_name=True, extra="allow")
     specversion: Literal["1.0"] = "1.0"
-    id: str = Field(default_factory=lambda: str(uuid.uuid4()))
+    id: str = Field(default_factory=lambda: str(random_uuid4()))
     type: str
     source: str = EVENT_SOURCE
     subject: str | None = None

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from nats.aio.client import Client as NATS
 
 from ..failpoints import fail_point, is_armed
+from ..wire import random_uuid4
 
 WRONG_LAST_SEQUENCE = 10071
 
@@ -148,7 +148,7 @@ async def publish_atomic(
         return []
     for subject, data, _ in messages:
         _check_size(nc, subject, data)
-    batch_id = uuid.uuid4().hex
+    batch_id = random_uuid4().hex
     last = len(messages) - 1
     for index, (subject, data, headers) in enumerate(messages):
         batch_headers = {**headers, "Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": str(index + 1)}
