@@ -33,6 +33,7 @@ from .component import (
     RejectedByComponent,
 )
 from .stats import CallStats
+from .wit_calls import Call, compile_call
 
 log = structlog.get_logger(__name__)
 
@@ -127,6 +128,7 @@ class WasmtimeComponent:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"wasm-{name}")
         self._store: wasmtime.Store | None = None
         self._funcs: dict[str, Any] = {}
+        self._calls: dict[str, Call] = {}  # each export's call, its WIT types reflected at instantiation
         self._effects: HandlerEffects | None = None
         self._budget: CallBudget | None = None  # the caps on what the current call writes and publishes
         self._log = log.bind(component=name)
@@ -189,12 +191,13 @@ class WasmtimeComponent:
         store.set_limits(memory_size=self._memory)
         store.set_epoch_deadline(self._ticks * 100)  # instantiation of a Python component is slow
         instance = self._linker.instantiate(store, self._component)
-        self._funcs = {}
+        self._funcs, self._calls = {}, {}
         for name in WORLD_EXPORTS[self.role][1].split(", "):
             func = instance.get_func(store, name)
             if func is None:
                 raise ComponentLoadError(f"component {self.name!r}: export {name} is not a function")
             self._funcs[name] = func
+            self._calls[name] = compile_call(func, store)
         self._store = store
 
     # -- host functions ------------------------------------------------------------------------
@@ -237,7 +240,7 @@ class WasmtimeComponent:
         func = self._funcs[export]
         store.set_epoch_deadline(self._ticks)
         try:
-            result = func(store, *args)
+            result = self._calls[export](store, *args)
             func.post_return(store)
         except wasmtime.WasmtimeError as exc:
             self._store = None  # poisoned: the next call starts from a fresh instance
