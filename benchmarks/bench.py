@@ -103,6 +103,11 @@ class Options:
     history_events: int = 5000
     history_rounds: int = 40
     plot_path: Path = DEFAULT_PLOT
+    one_process: bool = False  # the daemon without --stateless-process
+
+    @property
+    def daemon_options(self) -> tuple[str, ...]:
+        return () if self.one_process else ("--stateless-process",)
 
 
 @dataclass(frozen=True)
@@ -363,7 +368,8 @@ def machine() -> str:
 def report(opts: Options, daemon: Side, peer_side: Side, x: DaemonExtras) -> str:
     raw = x.raw
     lines = [
-        f"concordance bench: {machine()}; concurrency {opts.concurrency}, daemon ready in {x.ready_s:.1f}s",
+        f"concordance bench: {machine()}; concurrency {opts.concurrency}, daemon ready in {x.ready_s:.1f}s "
+        f"(concordance up {' '.join(opts.daemon_options) or 'in one process'})",
         f"{'phase':<28}{'count':>7}{'sent (s)':>10}{'done (s)':>10}{'per s':>9}{'vs raw':>8}",
     ]
     for row in (raw, x.multi, x.single):
@@ -466,7 +472,7 @@ def run(opts: Options) -> int:
         daemon_log = workdir / "daemon.log"
         try:
             server.start()
-            daemon = start_daemon(server.url, daemon_log)
+            daemon = start_daemon(server.url, daemon_log, *opts.daemon_options)
             try:
                 print(asyncio.run(asyncio.wait_for(benchmark(server.url, daemon, opts, workdir),
                                                    opts.overall_timeout)))
@@ -498,6 +504,8 @@ def parse_args(argv: list[str] | None = None) -> Options:
     parser.add_argument("--history-events", type=int, default=5000, help="earlier events on the history key")
     parser.add_argument("--history-rounds", type=int, default=40, help="commands each on fresh and history keys")
     parser.add_argument("--plot", type=Path, default=DEFAULT_PLOT, help="where the PNG goes")
+    parser.add_argument("--one-process", action="store_true",
+                        help="run the daemon in one process (without --stateless-process)")
     parser.add_argument("--ready-timeout", type=float, default=120.0, help="seconds for the daemon to start")
     parser.add_argument("--phase-timeout", type=float, default=240.0, help="seconds for one phase's outcomes")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds for the whole run")
@@ -517,7 +525,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
     return Options(args.raw_messages, args.commands, args.keys, args.single_key_commands, args.concurrency,
                    args.ready_timeout, args.phase_timeout, args.timeout, args.round_trips, levels,
                    args.in_flight_commands, args.load_seconds, args.history_events, args.history_rounds,
-                   args.plot)
+                   args.plot, args.one_process)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,9 +38,9 @@ class BenchFailed(Exception):
 
 # -- processes -------------------------------------------------------------------------------------
 
-def start_daemon(nats_url: str, log_path: Path) -> subprocess.Popen[bytes]:
+def start_daemon(nats_url: str, log_path: Path, *options: str) -> subprocess.Popen[bytes]:
     command = [sys.executable, "-m", "concordance_provider.cli", "up", str(MANIFEST),
-               "--nats-url", nats_url, "--log-level", "warning"]
+               "--nats-url", nats_url, "--log-level", "warning", *options]
     with log_path.open("wb") as log_file:
         return subprocess.Popen(command, cwd=ROOT, stdin=subprocess.DEVNULL,
                                 stdout=log_file, stderr=subprocess.STDOUT)

@@ -132,7 +132,9 @@ class Daemon:
     stuck_after: float = 120.0  # seconds one consumer turn may take before health says stuck
     results_ttl: float = DAY  # how long CC_RESULTS keeps each command's outcome
     signer: Signer | None = None  # signs events and state, and checks them; None: no key
+    roles: frozenset[Role] | None = None  # the manifest's components of these roles only; None: all
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    ready: asyncio.Event = field(default_factory=asyncio.Event)  # connected, streams there, links made
     consumers_stopped: asyncio.Event = field(default_factory=asyncio.Event)
     health: Health = field(default_factory=Health)
     links: dict[str, LinkedComponent] = field(default_factory=dict)
@@ -197,8 +199,15 @@ class Daemon:
                                         status.report if status is not None else None)
         return metrics.CONTENT_TYPE, body
 
+    def _runs(self, spec: ComponentSpec) -> bool:
+        return self.roles is None or spec.interest.role in self.roles
+
     async def _run(self) -> None:
-        initial = list(self.manifest.components) if self.manifest else []
+        declared = list(self.manifest.components) if self.manifest else []
+        initial = [spec for spec in declared if self._runs(spec)]
+        # A notifier may not publish into an aggregate's stream, linked here or not.
+        self._aggregate_streams.update(str(spec.interest.stream) for spec in declared
+                                       if spec.interest.role is Role.AGGREGATE)
         # Load in-process components before connecting: a broken file fails the start at once.
         loaded = await asyncio.gather(*(load_component(s, self.cache_dir) for s in initial if s.path))
         try:
@@ -223,7 +232,8 @@ class Daemon:
             preloaded = iter(loaded)
             for spec in initial:
                 await self.link(spec, next(preloaded) if spec.path else None)
-            await router.start()
+            if self.roles is None or Role.AGGREGATE in self.roles:  # else another process answers them
+                await router.start()
             status = self._status = StatusReporter(nc, js, self.health, self.application,
                                                    lambda: list(self.links.values()))
             await status.start()
@@ -231,6 +241,7 @@ class Daemon:
                 await self.on_connected(self)
             log.info("concordance ready", application=self.application, nats=self.nats_options.safe_url,
                      components=list(self.links), daemon=status.daemon_id, signed=self.signer is not None)
+            self.ready.set()
             await self.stopping.wait()
             log.info("stopping: finishing in-flight messages")
             await router.stop()
@@ -316,6 +327,12 @@ class Daemon:
             if other.spec.name != spec.name and other.spec.interest.consumer_name == spec.interest.consumer_name:
                 raise LinkError(f"{other.spec.name!r} already declares {spec.interest.consumer_name}; "
                                 f"{spec.name!r} may not declare it too")
+
+    def fail(self, reason: str) -> None:
+        """Stop, and exit saying ``reason``: something this daemon depends on ended."""
+        self._failures.append(reason)
+        log.error("shutting down", reason=reason)
+        self.stopping.set()
 
     def _loop_ended(self, task: asyncio.Task[None]) -> None:
         """A consumer that ends before it is told to takes the daemon down, loudly, not silently."""

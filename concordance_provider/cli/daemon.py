@@ -21,7 +21,9 @@ from ..manifest import Manifest
 from ..nats_server import EmbeddedNatsServer, NatsServerError
 from ..provider import HostData, HostDataError, ProviderEndpoint, read_host_data
 from ..runtime.wasmtime_host import ComponentLoadError
+from ..links import Role
 from ..signing import Signer, SigningKeyError
+from ..stateless_process import STATELESS_ROLES, StatelessProcess, parse_roles, stop_when_stdin_closes
 from ..store.streams import IncompatibleStream
 from .common import app, duration_seconds, fail
 
@@ -70,6 +72,12 @@ def up(
         None, envvar="CONCORDANCE_SIGNING_KEY_FILE",
         help="a secret shared by the daemons (at least 32 bytes, readable by its owner only): events and "
              "state are signed with it, and what does not verify is never folded or handled"),
+    stateless_process: bool = typer.Option(
+        False, help="run the manifest's projectors, notifiers and process managers in a second process, "
+                    "so that a second core works beside the aggregates (it has no --health-port of its own)"),
+    roles: Optional[str] = typer.Option(None, help="link only the manifest's components of these roles, "
+                                                   "e.g. aggregate or projector,notifier,process_manager"),
+    stop_with_stdin: bool = typer.Option(False, hidden=True, help="stop when standard input closes"),
     log_level: str = typer.Option("info"),
     log_format: str = typer.Option("auto", help="auto, json or console"),
 ) -> None:
@@ -80,6 +88,7 @@ def up(
     With --lattice it also links any component sent to wasmbus.rpc.{lattice}.{provider_id}.linkdefs.put.
     """
     configure(log_level, log_format)
+    linked_roles = _roles(roles, stateless_process, manifest is not None, lattice is not None)
     try:
         results_seconds = duration_seconds(results_ttl)
     except ValueError as exc:
@@ -112,10 +121,19 @@ def up(
         HostData(lattice_rpc_prefix=lattice, provider_key=provider_id, lattice_rpc_url=nats_url),
         component_dir=component_dir, allow_replace=allow_lattice_replace)
     daemon = Daemon(options, app_manifest, health_port=health_port, stuck_after=stuck_after,
-                    results_ttl=results_seconds, signer=signer,
+                    results_ttl=results_seconds, signer=signer, roles=linked_roles,
                     on_connected=endpoint.start if endpoint else None, on_stopped=endpoint.finish if endpoint else None)
+    second = None
+    if stateless_process and app_manifest is not None and any(
+            spec.interest.role in STATELESS_ROLES for spec in app_manifest.components):
+        assert manifest is not None
+        second = StatelessProcess(manifest, _second_arguments(
+            options, stuck_after, results_ttl, signing_key_file, log_level, log_format),
+            environment={name: value.get_secret_value() if hasattr(value, "get_secret_value") else value
+                         for name, value in (("NATS_URL", options.url), ("NATS_PASSWORD", password_secret),
+                                             ("NATS_TOKEN", token_secret)) if value})
     try:
-        asyncio.run(_serve(daemon, server))
+        asyncio.run(_serve(daemon, server, second, stop_with_stdin))
     except (ComponentLoadError, IncompatibleStream, DaemonFailed, LinkError) as exc:
         fail(str(exc))
     except OSError as exc:
@@ -123,6 +141,37 @@ def up(
     finally:
         if server is not None:
             server.stop()
+
+
+def _roles(text: str | None, stateless_process: bool, has_manifest: bool, has_lattice: bool) -> frozenset[Role] | None:
+    """The roles this process links; exits saying why when the options do not go together."""
+    if text is None and not stateless_process:
+        return None
+    option = "--roles" if text is not None else "--stateless-process"
+    if text is not None and stateless_process:
+        fail("--roles and --stateless-process do not go together: --stateless-process sets the roles "
+             "of both processes")
+    if not has_manifest or has_lattice:
+        fail(f"{option} needs a manifest and no --lattice: links taken at run time may be of any role")
+    if stateless_process:
+        return frozenset({Role.AGGREGATE})
+    try:
+        return parse_roles(text or "")
+    except ValueError as exc:
+        fail(f"--roles: {exc}")
+
+
+def _second_arguments(options: NatsOptions, stuck_after: float, results_ttl: str, signing_key_file: Path | None,
+                      log_level: str, log_format: str) -> list[str]:
+    """The second process's options: the same credentials and settings as this one (the server's URL,
+    which may hold a password, goes in its environment)."""
+    arguments = ["--stuck-after", str(stuck_after), "--results-ttl", results_ttl,
+                 "--log-level", log_level, "--log-format", log_format]
+    for flag, value in (("--user", options.user), ("--creds", options.creds_file), ("--tls-ca", options.tls_ca),
+                        ("--js-domain", options.js_domain), ("--signing-key-file", signing_key_file)):
+        if value is not None:
+            arguments += [flag, str(value)]
+    return arguments
 
 
 def _signer(key_file: Path | None) -> Signer | None:
@@ -135,16 +184,34 @@ def _signer(key_file: Path | None) -> Signer | None:
         fail(str(exc))
 
 
-async def _serve(daemon: Daemon, server: EmbeddedNatsServer | None) -> None:
+async def _serve(daemon: Daemon, server: EmbeddedNatsServer | None, second: StatelessProcess | None = None,
+                 stop_with_stdin: bool = False) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, daemon.stopping.set)
-    supervisor = asyncio.create_task(server.supervise(daemon.stopping)) if server else None
+    background = [asyncio.create_task(server.supervise(daemon.stopping))] if server else []
+    if stop_with_stdin:
+        background.append(asyncio.create_task(stop_when_stdin_closes(daemon.stopping)))
+    if second is not None:
+        background.append(asyncio.create_task(_run_second(daemon, second)))
     try:
         await daemon.run()
     finally:
-        if supervisor is not None:
-            supervisor.cancel()
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
+        if second is not None:
+            await second.stop()
+
+
+async def _run_second(daemon: Daemon, second: StatelessProcess) -> None:
+    """Start the second process once this one is ready (the streams exist); if it ends on its own,
+    stop this one too, saying so."""
+    await daemon.ready.wait()
+    await second.start()
+    code = await second.ended()
+    if not daemon.stopping.is_set():
+        daemon.fail(f"the stateless process (projectors, notifiers, process managers) exited with code {code}")
 
 
 @app.command()
