@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import json
 import socket
 import subprocess
@@ -41,6 +43,36 @@ async def test_infinite_loop_is_interrupted_at_its_deadline_and_the_next_call_wo
         with pytest.raises(ComponentFailed, match="deadline"):
             await component.handle_command("looper", "spin", "k", None, "{}")
         assert time.monotonic() - started < 5
+        assert await _count(component) == 1
+    finally:
+        await component.close()
+
+
+async def test_a_looping_aggregate_holds_the_event_loop_for_tens_of_milliseconds_at_most(looper_component):
+    """Short calls are made on the event loop; one running long is stopped there and made again on the
+    component's thread, so the daemon's other work goes on meanwhile."""
+    component = _looper(looper_component, timeout_ms=1000)
+    await component.start()
+    gaps: list[float] = []
+
+    async def ticking() -> None:
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(0.005)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    try:
+        assert await _count(component) == 1
+        ticker = asyncio.create_task(ticking())
+        await asyncio.sleep(0.05)  # ticking before the call starts
+        started = time.monotonic()
+        with pytest.raises(ComponentFailed, match="deadline of 1.00s"):
+            await component.handle_command("looper", "spin", "k", None, "{}")
+        assert time.monotonic() - started >= 0.9  # the whole deadline, on the component's thread
+        ticker.cancel()
+        assert max(gaps) < 0.2, f"the event loop stood still for {max(gaps) * 1000:.0f} ms"
         assert await _count(component) == 1
     finally:
         await component.close()
