@@ -15,7 +15,7 @@ from ..manifest import Manifest, ManifestError, load_manifest
 from ..wash_host import HostError, find_host
 from .common import NATS_URL, app, fail, nats_client, run
 
-HEARTBEAT_WAIT_SECONDS = 30.0  # two heartbeats of a live host
+HEARTBEAT_WAIT_SECONDS = 30.0  # two heartbeats of a live host (--host-wait)
 
 LATTICE = typer.Option("default", help="lattice of the Concordance daemon")
 PROVIDER_ID = typer.Option("concordance", help="provider id the daemon serves")
@@ -36,6 +36,9 @@ def deploy(
                                                       "e.g. 127.0.0.1:5001"),
     nats_url: str = NATS_URL,
     host_id: Optional[str] = typer.Option(None, help="the wash host to run on (default: the first heard from)"),
+    host_wait: float = typer.Option(HEARTBEAT_WAIT_SECONDS, "--host-wait", min=1.0,
+                                    help="without --host-id: how long to wait for a host's heartbeat "
+                                         "(hosts beat every 15 s)"),
     lattice: str = LATTICE,
     provider_id: str = PROVIDER_ID,
     build_dir: Optional[Path] = typer.Option(None, help="where to build (default: build/ beside the manifest)"),
@@ -57,15 +60,15 @@ def deploy(
         insecure = (registry or "").split(":", 1)[0] in ("127.0.0.1", "localhost", "[::1]")
     try:
         planned = placements(app_manifest, build_dir or manifest.parent / "build", registry, insecure, lattice)
-        run(_deploy(nats_url, host_id, lattice, provider_id, planned, watch_hosts))
+        run(_deploy(nats_url, host_id, host_wait, lattice, provider_id, planned, watch_hosts))
     except (DeployError, HostError) as exc:
         fail(str(exc))
 
 
-async def _deploy(nats_url: str, host_id: str | None, lattice: str, provider_id: str, planned: list[Placement],
-                  watch_hosts: bool) -> None:
+async def _deploy(nats_url: str, host_id: str | None, host_wait: float, lattice: str, provider_id: str,
+                  planned: list[Placement], watch_hosts: bool) -> None:
     async with nats_client(nats_url) as nc:
-        host = host_id or await find_host(nc, HEARTBEAT_WAIT_SECONDS)
+        host = host_id or await find_host(nc, host_wait)
         await place(nc, host, planned, lattice, provider_id)
         for placement in planned:
             await link(nc, lattice, provider_id, placement)

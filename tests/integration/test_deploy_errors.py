@@ -3,6 +3,8 @@ traceback."""
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -54,18 +56,29 @@ def test_an_unreachable_registry_is_named(tmp_path):
 
 def test_no_host_is_named_after_showing_the_wait(tmp_path):
     """An OCI image is run as written (nothing built or pushed); with no host on the lattice, the
-    wait for a heartbeat is shown while it lasts, then named."""
+    wait for a heartbeat is shown every 5 s while it lasts, then named. --host-wait 11 instead of
+    the default 30 s: the same lines, two of them progress lines instead of five."""
     manifest = example_manifest(tmp_path, {})
     text = manifest.read_text().replace("image: file://", "image: 127.0.0.1:1/bank:0.1.0 # ").replace("source: ", "# ")
     manifest.write_text(text)
     with nats_server(tmp_path) as server:
-        done = _deploy(manifest, "--nats-url", server.url)
+        done = _deploy(manifest, "--nats-url", server.url, "--host-wait", "11")
     assert done.returncode == 2, done.stderr
     assert "component runs its image as written" in done.stderr
-    assert "waiting for a wasmCloud host's heartbeat" in done.stderr
-    assert done.stderr.count("still waiting for a host's heartbeat") >= 4  # every 5 s of the 30 s
-    assert "no wasmCloud host sent a heartbeat within 30s" in done.stderr
+    assert re.search(r"waiting for a wasmCloud host's heartbeat .*timeout_s=11\b", done.stderr), done.stderr
+    # every 5 s of the 11 s, saying how long it has waited
+    assert re.findall(r"still waiting for a host's heartbeat +waited_s=(\d+)", done.stderr) == ["5", "10"], done.stderr
+    assert "no wasmCloud host sent a heartbeat within 11s" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_the_wait_for_a_host_is_30_s_unless_told():
+    shown = subprocess.run([sys.executable, "-m", "concordance_provider.cli", "deploy", "--help"], capture_output=True,
+                           text=True, timeout=60, env={**os.environ, "COLUMNS": "200", "NO_COLOR": "1"})
+    assert shown.returncode == 0, shown.stderr
+    assert re.search(r"--host-wait .*\[default: 30\.0\]", shown.stdout), shown.stdout
+    refused = _cli("deploy", "app.yaml", "--host-wait", "0")
+    assert refused.returncode == 2 and "Invalid value for '--host-wait'" in refused.stderr, refused.stderr
 
 
 def test_undeploying_what_was_never_deployed_says_so(tmp_path):
