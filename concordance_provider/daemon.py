@@ -36,7 +36,7 @@ from .store.results import ResultStore
 from .store.state import StateStore
 from .store.streams import DAY, ensure_all, ensure_bucket
 from .stream_watch import StreamWatch
-from .workers.aggregate import AggregateWorker
+from .workers.aggregate import COMMAND_BATCHES_AT_ONCE, AggregateWorker
 from .workers.base import ConsumerLoop
 from .workers.process_manager import ProcessManagerWorker
 from .workers.router import UnroutedCommands
@@ -216,7 +216,7 @@ class Daemon:
             log.info("concordance stopped before NATS was reached", nats=self.nats_options.safe_url)
             return
         self._stores = _Stores(EventLog(nc, self.signer), StateStore(nc, signer=self.signer),
-                               ResultStore(js, self._aggregate_names), DeadLetters(nc))
+                               ResultStore(js, self._aggregate_names, nc), DeadLetters(nc))
         if self.signer is None:
             log.warning("no signing key: anyone who may publish on cc.events.> or write CC_STATE can forge "
                         "events and state")
@@ -350,7 +350,7 @@ class Daemon:
         js, stores, interest = self.js, self._stores, spec.interest
         if interest.role is Role.AGGREGATE:
             agg = AggregateWorker(interest, component, stores.events, stores.states, stores.results, stores.dead)
-            return [ConsumerLoop(js, agg.command_consumer(), agg.dispatch_commands),
+            return [ConsumerLoop(js, agg.command_consumer(), agg.dispatch_commands, overlap=COMMAND_BATCHES_AT_ONCE),
                     ConsumerLoop(js, agg.event_consumer(), agg.dispatch_events)]
         if interest.role is Role.PROCESS_MANAGER:
             pm = ProcessManagerWorker(interest, component, stores.states, self.nc, stores.dead, self.signer)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -77,10 +77,10 @@ class CommandQueue:
     def __init__(self, aggregate: str) -> None:
         self._subjects = command_filters(aggregate)
         self._nc: NATS | None = None
-        # The consumer's delivery sequence through which no stored command is unknown to this
-        # daemon (see ``_follows_clear_batch``); None when that is not known.
+        # The consumer's delivery sequence through which no keyed command is stored but those this
+        # process holds (see ``_follows_clear_batch``); None when that is not known.
         self._clear_through: int | None = None
-        self._candidate: int | None = None  # what it becomes once the current batch is settled
+        self._generation = 0  # moves on whenever a command held here goes back unsettled
 
     async def unfinished(self, nc: NATS, below_seq: int, page: int = 256) -> list[tuple[int, str | None]]:
         """(sequence, key) of each of the aggregate's commands still stored below ``below_seq``, on
@@ -105,31 +105,39 @@ class CommandQueue:
                 return found
             start = messages[-1].seq + 1
 
-    async def must_wait(self, batch: list[Msg]) -> dict[int, tuple[int, ...]]:
+    async def must_wait(self, batch: list[Msg], held: Mapping[int, str | None] | None = None
+                        ) -> dict[int, tuple[int, ...]]:
         """The fetched commands that must wait, each with the earlier ones of its key it waits for.
-        Call ``batch_done`` once the batch is dispatched."""
-        clear_through, self._clear_through, self._candidate = self._clear_through, None, None
+
+        ``held``: the commands this process holds from earlier batches (sequence to key); the
+        batch's commands follow those of their key in process (``workers.held``), so they are not
+        waited for here."""
+        held = dict(held or {})
+        clear_through, self._clear_through = self._clear_through, None
         if _follows_clear_batch(batch, clear_through):
-            self._candidate = _last_delivery(batch)
+            self._clear_through = _last_delivery(batch)
             return {}
         fetched = [(msg.metadata.sequence.stream, ordering_key(msg.subject, msg.data)) for msg in batch]
         if not any(key is not None for _, key in fetched):
             return {}
         last = max(seq for seq, _ in fetched)
+        generation = self._generation
         self._nc = batch[0]._client  # the connection the batch came on (its acks go there too)
-        stored = await self.unfinished(self._nc, last, page=len(batch) + PAGE_MARGIN)
-        fetched_seqs = {seq for seq, _ in fetched}
+        stored = await self.unfinished(self._nc, last, page=len(batch) + len(held) + PAGE_MARGIN)
+        in_batch = {seq for seq, _ in fetched}
+        held_before = [(seq, key) for seq, key in held.items() if seq not in in_batch]
         last_delivered = max(batch, key=lambda msg: msg.metadata.sequence.consumer)
-        if last_delivered.metadata.num_delivered == 1 and all(
-                seq in fetched_seqs for seq, key in stored if key is not None):
-            self._candidate = last_delivered.metadata.sequence.consumer
-        return must_wait(fetched, stored)
+        if generation == self._generation and last_delivered.metadata.num_delivered == 1 and all(
+                seq in in_batch or seq in held for seq, key in stored if key is not None):
+            self._clear_through = last_delivered.metadata.sequence.consumer
+        waiting = must_wait(fetched + held_before, stored)  # the held ones count as fetched with it
+        return {seq: earlier for seq, earlier in waiting.items() if seq in in_batch}
 
-    def batch_done(self, all_settled: bool) -> None:
-        """The batch ``must_wait`` last saw is dispatched: with every command of it settled (acked
-        or dead-lettered), the next batch may be cleared without asking the server."""
-        self._clear_through = self._candidate if all_settled else None
-        self._candidate = None
+    def unsettled(self) -> None:
+        """A keyed command held here went back to the queue unsettled: stored again, so the next batch
+        is read for."""
+        self._clear_through = None
+        self._generation += 1
 
     async def finished(self, seqs: Sequence[int], within: float) -> bool:
         """Whether the commands ``seqs`` leave the queue within ``within`` seconds.
@@ -159,12 +167,13 @@ def _follows_clear_batch(batch: list[Msg], clear_through: int | None) -> bool:
     """Whether no command outside ``batch`` can be stored before its commands, known without a read.
 
     ``clear_through`` is the last delivery of the previous batch, which was clear (no keyed command
-    stored below its end but its own), ended in a first delivery, and is settled. The consumer
-    delivers each command first in stream order, so every command stored below this batch's end
-    was first delivered before its last first delivery. If this batch is exactly the deliveries
-    after ``clear_through``, all first deliveries, each such command was delivered either in this
-    batch or by ``clear_through``, that is below the previous batch's end: settled, or never stored.
-    A delivery to another daemon, or a redelivery, breaks the run, and the batch is read for.
+    stored below its end but those held here) and ended in a first delivery; it is forgotten as
+    soon as a command held here goes back unsettled. The consumer delivers each command first in
+    stream order, so every command stored below this batch's end was first delivered before its
+    last first delivery. If this batch is exactly the deliveries after ``clear_through``, all first
+    deliveries, each such command was delivered either in this batch or by ``clear_through``, that
+    is below the previous batch's end: held here (and followed in process), settled, or never
+    stored. A delivery to another daemon, or a redelivery, breaks the run, and the batch is read for.
     """
     if clear_through is None or any(msg.metadata.num_delivered != 1 for msg in batch):
         return False

@@ -30,11 +30,18 @@ DELETED = ("DEL", "PURGE")
 
 
 class ResultStore:
-    def __init__(self, js: JetStreamContext, aggregates: Set[str] | None = None) -> None:
-        """``aggregates``: the linked aggregates' names (a live view), to keep metric labels to those."""
+    def __init__(self, js: JetStreamContext, aggregates: Set[str] | None = None, nc: NATS | None = None) -> None:
+        """``aggregates``: the linked aggregates' names (a live view), to keep metric labels to those;
+        ``nc``: the connection to read outcomes on (``recorded``)."""
         self._js = js
         self._kv = None
         self._aggregates = aggregates
+        self._nc = nc
+
+    async def recorded(self, command_seq: int, aggregate: str, key: str | None) -> bool:
+        """Whether command ``command_seq`` has its outcome already: decided by an earlier delivery."""
+        assert self._nc is not None
+        return await read_result(self._nc, command_seq, aggregate=aggregate, key=key) is not None
 
     async def record(self, command_seq: int, result: CommandResult) -> None:
         """Store the outcome under ``{result.aggregate}.{result.key}.{command_seq}``."""

@@ -41,8 +41,13 @@ from .base import (
     delivered_event,
     dispatch_by_key,
 )
+from .held import HeldCommands
 
 log = structlog.get_logger(__name__)
+
+# The command consumer fetches its next batch while the last is decided, so that the slowest key of
+# a batch does not hold back the commands behind it; one key's order holds across them (workers.held).
+COMMAND_BATCHES_AT_ONCE = 2
 
 
 class AggregateWorker:
@@ -57,6 +62,7 @@ class AggregateWorker:
         self._processor = CommandProcessor(self.repository, component)
         self._results = results
         self._command_order = CommandQueue(interest.name)
+        self._held = HeldCommands(on_unsettled=self._command_order.unsettled)
         self._logger = log.bind(component=component.name, aggregate=interest.name)
         self._settle_command = Settler(self.command_consumer().durable, component.name, interest.max_deliveries,
                                        dead_letters, self._logger, on_dead=self._answer_dead_command)
@@ -73,17 +79,10 @@ class AggregateWorker:
         return consumer_for(self.interest, EVENTS_STREAM, self.interest.consumer_name, (stream_filter(self.stream),))
 
     async def dispatch_commands(self, batch: list[Msg], stopping: asyncio.Event) -> None:
-        settled = 0
-
-        async def settle(msg: Msg) -> bool:
-            nonlocal settled
-            done = await self._settle_command(msg, self.on_command)
-            settled += done
-            return done
-
-        await dispatch_by_key(batch, _command_key, settle, stopping, must_wait=self._command_order.must_wait,
-                              finished=self._command_order.finished)
-        self._command_order.batch_done(settled == len(batch))
+        """One fetched batch; the next may be dispatched beside it (``COMMAND_BATCHES_AT_ONCE``)."""
+        await dispatch_by_key(batch, _command_key, lambda m: self._settle_command(m, self.on_command), stopping,
+                              must_wait=self._command_order.must_wait,
+                              finished=self._command_order.finished, held=self._held)
 
     async def dispatch_events(self, batch: list[Msg], stopping: asyncio.Event) -> None:
         await dispatch_by_key(batch, lambda m: m.subject.rsplit(".", 1)[-1],
@@ -108,6 +107,11 @@ class AggregateWorker:
         except BadMessage as exc:
             raise Poison(str(exc)) from None  # answered by _answer_dead_command
         logger = logger.bind(key=command.key, command_type=command.command_type, trace_id=trace_id(traceparent))
+        if meta.num_delivered > 1 and await self._results.recorded(seq, self.interest.name, command.key):
+            # decided by an earlier delivery whose ack was lost: a rejection leaves no event to find,
+            # so deciding it again could accept it now, after later commands of its key
+            logger.info("command delivered again after its outcome was recorded; the outcome stands")
+            return
         try:
             result = await self._processor.process(
                 Command(command, seq, meta.num_delivered > 1, meta.timestamp, traceparent))

@@ -32,6 +32,7 @@ from ..signing import Forged, Signer
 from ..store.deadletters import DeadLetter, DeadLetters
 from ..store.jetstream import StoredMessage
 from ..wire import BadMessage
+from .held import HeldCommands, HeldSnapshot
 
 log = structlog.get_logger(__name__)
 
@@ -39,6 +40,7 @@ BACKOFF_SECONDS = (1, 2, 5, 10, 30, 60)
 OUTAGE_BACKOFF_SECONDS = 5.0  # a component host that comes back is used within seconds
 ORDER_WAIT_SECONDS = 0.5  # a message waiting for an earlier one of its key looks again this soon
 ORDER_HOLD_SECONDS = 0.25  # how long a message waits in place for an earlier one held elsewhere
+OVERLAP_FETCH_SECONDS = 0.05  # how long a fetch beside a running batch waits for messages
 
 
 class Retry(Exception):
@@ -202,17 +204,26 @@ class ConsumerLoop:
     """Fetch from one durable consumer and hand each fetched batch to ``dispatch``."""
 
     def __init__(self, js: JetStreamContext, spec: ConsumerSpec,
-                 dispatch: Callable[[list[Msg], asyncio.Event], Awaitable[None]]) -> None:
+                 dispatch: Callable[[list[Msg], asyncio.Event], Awaitable[None]], overlap: int = 1) -> None:
+        """``overlap``: how many fetched batches may be dispatched at once (the next is fetched while
+        the last is dispatched); more than one only for a ``dispatch`` that keeps order across them."""
         self._js = js
         self.spec = spec
         self._dispatch = dispatch
+        self._overlap = overlap
         self._log = log.bind(consumer=spec.durable)
         self.last_turn = time.monotonic()  # when the loop last came round to fetch
-        self.in_flight: list[Msg] = []  # the batch being dispatched: a shutdown hands back what is unsettled
+        self._batches: list[tuple[float, list[Msg]]] = []  # those being dispatched, with when each began
+
+    @property
+    def in_flight(self) -> list[Msg]:
+        """The messages being dispatched: a shutdown hands back what is unsettled."""
+        return [msg for _, batch in self._batches for msg in batch]
 
     def turn_seconds(self) -> float:
-        """How long the current turn (a fetch and the dispatch of its batch) has taken so far."""
-        return time.monotonic() - self.last_turn
+        """How long the current turn (a fetch and the dispatch of its batch; the oldest batch being
+        dispatched, with batches overlapping) has taken so far."""
+        return time.monotonic() - min([self.last_turn] + [began for began, _ in self._batches])
 
     async def ensure(self) -> None:
         """Create the consumer, or update one that exists while keeping where it starts from
@@ -232,28 +243,45 @@ class ConsumerLoop:
         await self.ensure()
         sub = await self._js.pull_subscribe_bind(durable=self.spec.durable, stream=self.spec.stream)
         self._log.info("consuming", filters=list(self.spec.filter_subjects))
+        running: set[asyncio.Task[None]] = set()
         try:
             while not stopping.is_set():
+                room = min(self.spec.batch, self.spec.max_ack_pending - len(self.in_flight))
+                if len(running) >= self._overlap or room < 1:
+                    _, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                    continue
                 self.last_turn = time.monotonic()
+                # Beside a running batch, a pull request lingers only briefly: one open at a shutdown
+                # would take in commands up to the process's end, to wait out the ack wait there.
+                wait = OVERLAP_FETCH_SECONDS if running else 1.0
                 try:
-                    batch = await sub.fetch(min(self.spec.batch, self.spec.max_ack_pending), timeout=1.0)
+                    batch = await sub.fetch(room, timeout=wait)
                 except (NatsTimeout, asyncio.TimeoutError):
                     continue
                 except Exception as exc:  # NATS away: wait and try again
                     self._log.warning("fetch failed", error=str(exc))
                     await asyncio.sleep(1.0)
                     continue
-                keeper = asyncio.create_task(_keep_alive(batch, self.spec.ack_wait))
-                self.in_flight = batch
-                try:
-                    await self._dispatch(batch, stopping)
-                except Exception as exc:  # a bug must not silently stop this consumer
-                    self._log.exception("dispatch failed; continuing", error=str(exc))
-                finally:
-                    self.in_flight = []
-                    keeper.cancel()
+                turn = asyncio.create_task(self._turn(batch, stopping))
+                if self._overlap == 1:
+                    await turn
+                else:
+                    running.add(turn)
         finally:
+            if running:
+                await asyncio.gather(*running, return_exceptions=True)
             await release(sub)
+
+    async def _turn(self, batch: list[Msg], stopping: asyncio.Event) -> None:
+        keeper = asyncio.create_task(_keep_alive(batch, self.spec.ack_wait))
+        self._batches.append((self.last_turn, batch))
+        try:
+            await self._dispatch(batch, stopping)
+        except Exception as exc:  # a bug must not silently stop this consumer
+            self._log.exception("dispatch failed; continuing", error=str(exc))
+        finally:
+            self._batches = [(began, other) for began, other in self._batches if other is not batch]
+            keeper.cancel()
 
 
 async def release(sub: Any, within: float = 2.0) -> int:
@@ -317,8 +345,9 @@ async def dispatch_in_order(batch: list[Msg], handle: Callable[[Msg], Awaitable[
 
 async def dispatch_by_key(
     batch: list[Msg], key_of: Callable[[Msg], Hashable | None], handle: Callable[[Msg], Awaitable[bool]],
-    stopping: asyncio.Event, must_wait: Callable[[list[Msg]], Awaitable[Collection[int]]] | None = None,
+    stopping: asyncio.Event, must_wait: Callable[..., Awaitable[Collection[int]]] | None = None,
     finished: Callable[[Sequence[int], float], Awaitable[bool]] | None = None,
+    held: HeldCommands | None = None,
 ) -> None:
     """Handle messages of different keys concurrently and of one key in order; on shutdown,
     messages not yet started go back to the server. A message whose key is None is alone.
@@ -329,15 +358,45 @@ async def dispatch_by_key(
     well. A waiting message goes back to the server for ``ORDER_WAIT_SECONDS``, undecided,
     unless ``finished`` sees the earlier messages it waits for (``must_wait`` maps each waiting
     sequence to them) settled within ``ORDER_HOLD_SECONDS``: then it is decided at once.
+
+    With ``held``, batches may overlap: the batch's messages are held there from the start, and
+    each follows the messages of its key held from earlier batches (see ``workers.held``), which
+    ``must_wait`` is given as its second argument (sequence to key).
     """
+    # the commands held from earlier batches: the check counts them as fetched, and they are followed
+    before = held.snapshot() if held is not None else None
+    if held is not None:
+        for msg in batch:
+            held.hold(msg.metadata.sequence.stream, key_of(msg))
+    try:
+        await _dispatch_by_key(batch, key_of, handle, stopping, must_wait, finished, held, before)
+    finally:
+        if held is not None:  # what was not finished (a bug, a cancel) went back unsettled
+            for msg in batch:
+                if msg.metadata.sequence.stream not in before:
+                    held.finish(msg.metadata.sequence.stream, False)
+
+
+async def _dispatch_by_key(
+    batch: list[Msg], key_of: Callable[[Msg], Hashable | None], handle: Callable[[Msg], Awaitable[bool]],
+    stopping: asyncio.Event, must_wait: Callable[..., Awaitable[Collection[int]]] | None,
+    finished: Callable[[Sequence[int], float], Awaitable[bool]] | None, held: HeldCommands | None,
+    before: HeldSnapshot | None,
+) -> None:
+    def done(msg: Msg, settled: bool) -> None:
+        # a second copy of a command held from an earlier batch leaves the first copy's record alone
+        if held is not None and before is not None and msg.metadata.sequence.stream not in before:
+            held.finish(msg.metadata.sequence.stream, settled)
+
     waiting: Collection[int] = ()
     if must_wait is not None:
         try:
-            waiting = await must_wait(batch)
+            waiting = await (must_wait(batch, before.keys()) if before is not None else must_wait(batch))
         except Exception as exc:  # unknown order: decide nothing, look again soon
             log.warning("could not read what comes first; batch handed back", error=str(exc))
             for msg in batch:
                 await hand_back(msg, min(backoff(msg.metadata.num_delivered), OUTAGE_BACKOFF_SECONDS))
+                done(msg, False)
             return
 
     groups: dict[Hashable, list[Msg]] = defaultdict(list)
@@ -349,19 +408,39 @@ async def dispatch_by_key(
     async def in_order(msgs: list[Msg]) -> None:
         blocked = False
         for msg in msgs:
-            if stopping.is_set():
+            seq = msg.metadata.sequence.stream
+            if before is not None and seq in before:  # a second copy of a command held from before
+                blocked = not await _second_copy(msg, before)
+            elif stopping.is_set():
                 await hand_back(msg)
-            elif blocked or (msg.metadata.sequence.stream in waiting
-                             and not await _turn_came(msg.metadata.sequence.stream, waiting, finished)):
-                log.debug("waiting for an earlier message of its key", subject=msg.subject,
-                          stream_seq=msg.metadata.sequence.stream)
+                done(msg, False)
+            elif blocked or (seq in waiting and not await _turn_came(seq, waiting, finished)) or (
+                    before is not None and not await before.earlier_settled(seq, key_of(msg))):
+                log.debug("waiting for an earlier message of its key", subject=msg.subject, stream_seq=seq)
                 await hand_back(msg, ORDER_WAIT_SECONDS)
+                done(msg, False)
                 blocked = True
             else:
                 settled = await handle(msg)
+                done(msg, settled)
                 blocked = must_wait is not None and not settled
 
     await asyncio.gather(*(in_order(msgs) for msgs in groups.values()))
+
+
+async def _second_copy(msg: Msg, before: HeldSnapshot) -> bool:
+    """Wait for the first copy of the command to finish: if it settled, the command is done and this
+    copy is acked, never decided again (a rejection leaves no event to show that it was decided);
+    if not, this copy goes back too. Whether the command is settled."""
+    settled = bool(await before.copy_settled(msg.metadata.sequence.stream))
+    if settled:
+        try:
+            await msg.ack()
+        except Exception:  # noqa: BLE001 - the first copy's ack already removed it
+            pass
+    else:
+        await hand_back(msg, ORDER_WAIT_SECONDS)
+    return settled
 
 
 async def _turn_came(seq: int, waiting: Collection[int],

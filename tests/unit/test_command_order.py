@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from types import SimpleNamespace
 
 import pytest
 
+from concordance_provider.engine.memory import InMemoryEventLog, InMemoryStateStore
+from concordance_provider.links import parse_interest
 from concordance_provider.store.commands import CommandQueue, command_key, must_wait
+from concordance_provider.workers.aggregate import AggregateWorker
 from concordance_provider.workers.base import ORDER_HOLD_SECONDS, ORDER_WAIT_SECONDS, dispatch_by_key
+from concordance_provider.workers.held import HeldCommands
+from fakes.bank import STREAM, FakeBank
 
 
 # -- the key of a command body ----------------------------------------------------------------
@@ -83,9 +90,14 @@ class FakeMsg:
     def data(self) -> bytes:
         return b"{}" if self.key is None else f'{{"key": "{self.key}"}}'.encode()
 
+    acked: bool = False
+
     async def nak(self, delay: float | None = None) -> None:
         self.naks.append(delay)
         self.is_acked = True
+
+    async def ack(self) -> None:
+        self.acked = self.is_acked = True
 
 
 def run(batch: list[FakeMsg], waiting: set[int] | None = None, unsettled: set[int] = frozenset(),
@@ -230,11 +242,14 @@ def deliveries(*pairs: tuple[int, int], key: str = "A", num_delivered: int = 1) 
     return [FakeMsg(seq, key, num_delivered=num_delivered, delivery=delivery) for seq, delivery in pairs]
 
 
-def waits(queue: CountingQueue, batch: list[FakeMsg], settled: bool = True) -> dict[int, tuple[int, ...]]:
+def waits(queue: CountingQueue, batch: list[FakeMsg], settled: bool = True,
+          held: dict[int, str | None] | None = None) -> dict[int, tuple[int, ...]]:
+    """must_wait on ``batch``; then, unless ``settled``, one of its commands goes back unsettled."""
     for msg in batch:
         msg._client = None  # type: ignore[attr-defined]
-    waiting = asyncio.run(queue.must_wait(batch))  # type: ignore[arg-type]
-    queue.batch_done(settled)
+    waiting = asyncio.run(queue.must_wait(batch, held))  # type: ignore[arg-type]
+    if not settled:
+        queue.unsettled()
     return waiting
 
 
@@ -288,3 +303,184 @@ def test_a_batch_ending_in_a_redelivery_is_not_trusted_as_a_frontier() -> None:
     waits(queue, deliveries((1, 5), num_delivered=2))
     queue.stored = [(3, "A"), (4, "A")]  # 3 was first delivered elsewhere, as delivery 4
     assert waits(queue, deliveries((4, 6))) == {4: (3,)}
+
+
+# -- batches dispatched beside each other ---------------------------------------------------------
+
+def test_commands_held_from_an_earlier_batch_are_not_waited_for_on_the_server() -> None:
+    queue = CountingQueue([(1, "A"), (2, "A"), (3, "B")])
+    batch = [FakeMsg(2, "A", delivery=2), FakeMsg(3, "B", delivery=3)]
+    assert waits(queue, batch, held={1: "A"}) == {}  # 1 is being decided here: 2 follows it in process
+    queue.stored = [(1, "A"), (4, "A")]
+    assert waits(queue, [FakeMsg(4, "A", delivery=4)], held={1: "A"}) == {}
+    assert queue.reads == 1  # the batch was clear: the next one needed no read
+
+
+def test_a_command_held_elsewhere_still_waits_beside_those_held_here() -> None:
+    queue = CountingQueue([(1, "A"), (2, "A"), (3, "A")])  # 1 held elsewhere, 2 held here
+    assert waits(queue, [FakeMsg(3, "A", delivery=3)], held={2: "A"}) == {3: (1,)}
+
+
+def test_a_command_that_goes_back_unsettled_makes_the_next_batch_read() -> None:
+    queue = CountingQueue([(1, "A")])
+    waits(queue, deliveries((1, 1)))
+    queue.unsettled()
+    queue.stored = [(1, "A"), (2, "A")]
+    assert waits(queue, deliveries((2, 2))) == {2: (1,)}
+
+
+def overlapping(first: list[FakeMsg], second: list[FakeMsg], unsettled: set[int] = frozenset(),
+                release_first_after_second: bool = True) -> tuple[list[str], list[int]]:
+    """Dispatch ``first``, then ``second`` beside it, with commands held across them. The first batch's
+    commands finish only once the second batch has started. Returns what happened, in order, and the
+    sequences reported as gone back unsettled."""
+    trace: list[str] = []
+    gone_back: list[int] = []
+
+    async def scenario() -> None:
+        held = HeldCommands(on_unsettled=lambda: gone_back.append(-1))
+        second_started = asyncio.Event()
+        first_seqs = {m.seq for m in first}
+
+        async def handle(msg: FakeMsg) -> bool:
+            trace.append(f"start {msg.seq}")
+            if msg.seq in first_seqs and release_first_after_second:
+                await second_started.wait()
+            await asyncio.sleep(0.01)
+            trace.append(f"end {msg.seq}")
+            return msg.seq not in unsettled
+
+        async def order(msgs: list[FakeMsg], held_keys: dict) -> dict:
+            return {}
+
+        one = asyncio.create_task(dispatch_by_key(first, lambda m: m.key, handle, asyncio.Event(),  # type: ignore[arg-type]
+                                                  must_wait=order, held=held))
+        await asyncio.sleep(0.005)
+        two = asyncio.create_task(dispatch_by_key(second, lambda m: m.key, handle, asyncio.Event(),  # type: ignore[arg-type]
+                                                  must_wait=order, held=held))
+        await asyncio.sleep(0.005)
+        second_started.set()
+        await asyncio.gather(one, two)
+        gone_back.extend(m.seq for m in first + second if m.naks)
+
+    asyncio.run(scenario())
+    return trace, gone_back
+
+
+def test_a_key_s_command_in_the_next_batch_is_decided_after_the_one_held_from_the_batch_before() -> None:
+    trace, _ = overlapping([FakeMsg(1, "A")], [FakeMsg(2, "A"), FakeMsg(3, "B")])
+    assert trace.index("end 1") < trace.index("start 2")
+    assert trace.index("start 3") < trace.index("end 1")  # another key goes on meanwhile
+
+
+def test_after_a_held_command_that_is_not_settled_the_next_batch_s_command_of_its_key_goes_back() -> None:
+    first, second = [FakeMsg(1, "A")], [FakeMsg(2, "A")]
+    trace, gone_back = overlapping(first, second, unsettled={1})
+    assert "start 2" not in trace and second[0].naks == [ORDER_WAIT_SECONDS]
+    assert -1 in gone_back  # the frontier was told
+
+
+def test_a_later_command_held_here_does_not_hold_back_an_earlier_one_of_its_key() -> None:
+    # 5 waits for its redelivered predecessor 3, which comes in the next batch: 3 must not wait for 5
+    trace, _ = overlapping([FakeMsg(5, "A")], [FakeMsg(3, "A", num_delivered=2)])
+    assert trace.index("start 3") < trace.index("end 5")
+
+
+def test_a_command_held_when_the_batch_was_checked_is_followed_even_if_it_finishes_before_the_batch_s_turn() -> None:
+    # 1 is held while the next batch's order check reads the queue, and goes back unsettled meanwhile:
+    # the check counted it as held here, so 2 must still see that it did not settle
+    first, second = [FakeMsg(1, "A")], [FakeMsg(2, "A", delivery=2)]
+    handled: list[int] = []
+
+    async def scenario() -> None:
+        held = HeldCommands(on_unsettled=lambda: None)
+        checked = asyncio.Event()
+        first_done = asyncio.Event()
+
+        async def handle(msg: FakeMsg) -> bool:
+            handled.append(msg.seq)
+            if msg.seq == 1:
+                await checked.wait()
+                return False
+            return True
+
+        async def no_wait(msgs: list[FakeMsg], held_keys: dict | None = None) -> dict:
+            return {}
+
+        async def slow_check(msgs: list[FakeMsg], held_keys: dict) -> dict:
+            assert set(held_keys) == {1}
+            checked.set()
+            await first_done.wait()  # the read takes a while
+            return {}
+
+        one = asyncio.create_task(dispatch_by_key(first, lambda m: m.key, handle, asyncio.Event(),  # type: ignore[arg-type]
+                                                  must_wait=no_wait, held=held))
+        await asyncio.sleep(0.005)
+        two = asyncio.create_task(dispatch_by_key(second, lambda m: m.key, handle, asyncio.Event(),  # type: ignore[arg-type]
+                                                  must_wait=slow_check, held=held))
+        await one
+        first_done.set()
+        await two
+
+    asyncio.run(scenario())
+    assert handled == [1]
+    assert second[0].naks == [ORDER_WAIT_SECONDS]
+
+
+def test_a_second_copy_of_a_held_command_is_acked_undecided_once_the_first_settles() -> None:
+    # after a NATS restart the server may deliver a command again while its first copy is held here
+    first, second = [FakeMsg(7, "A")], [FakeMsg(7, "A", num_delivered=2), FakeMsg(8, "A")]
+    trace, _ = overlapping(first, second)
+    assert trace.count("start 7") == 1  # decided once
+    assert trace.index("end 7") < trace.index("start 8")
+    assert second[0].naks == [] and second[0].acked
+
+
+def test_a_second_copy_goes_back_when_the_first_did_not_settle() -> None:
+    first, second = [FakeMsg(7, "A")], [FakeMsg(7, "A", num_delivered=2), FakeMsg(8, "A")]
+    trace, _ = overlapping(first, second, unsettled={7})
+    assert trace.count("start 7") == 1 and "start 8" not in trace
+    assert second[0].naks == [ORDER_WAIT_SECONDS] and second[1].naks == [ORDER_WAIT_SECONDS]
+
+
+# -- a command delivered again after its outcome was recorded ---------------------------------------
+
+class RecordedOutcomes:
+    """The outcome store's interface, in memory."""
+
+    def __init__(self) -> None:
+        self.outcomes: dict[int, object] = {}
+
+    async def record(self, seq: int, result: object) -> None:
+        self.outcomes[seq] = result
+
+    async def recorded(self, seq: int, aggregate: str, key: str | None) -> bool:
+        return seq in self.outcomes
+
+
+def test_a_command_delivered_again_after_its_outcome_was_recorded_is_not_decided_again() -> None:
+    # a rejection leaves no event: without the outcome, the second delivery would decide it anew,
+    # on the state later commands of its key made, and might accept it
+    outcomes = RecordedOutcomes()
+    interest = parse_interest({"ROLE": "aggregate", "INTEREST": STREAM, "NAME": "bank", "KEY": "account"})
+    worker = AggregateWorker(interest, FakeBank(), InMemoryEventLog(), InMemoryStateStore(), outcomes,  # type: ignore[arg-type]
+                             dead_letters=None)  # type: ignore[arg-type]
+
+    def delivery(seq: int, body: dict, num_delivered: int) -> SimpleNamespace:
+        return SimpleNamespace(subject="cc.commands.bank", data=json.dumps(body).encode(), headers={},
+                               metadata=SimpleNamespace(sequence=SimpleNamespace(stream=seq, consumer=seq),
+                                                        num_delivered=num_delivered,
+                                                        timestamp=datetime.now(timezone.utc)))
+
+    async def scenario() -> None:
+        await worker.on_command(delivery(1, {"command_type": "open", "key": "A", "data": {}}, 1))  # type: ignore[arg-type]
+        withdraw = {"command_type": "withdraw", "key": "A", "data": {"amount": 50}}
+        await worker.on_command(delivery(2, withdraw, 1))  # type: ignore[arg-type]
+        assert outcomes.outcomes[2].status == "rejected"  # type: ignore[attr-defined]
+        deposit = {"command_type": "deposit", "key": "A", "data": {"amount": 100}}
+        await worker.on_command(delivery(3, deposit, 1))  # type: ignore[arg-type]
+        await worker.on_command(delivery(2, withdraw, 2))  # type: ignore[arg-type]
+        assert outcomes.outcomes[2].status == "rejected"  # type: ignore[attr-defined]
+        assert json.loads((await worker.repository.current("A")).value or "{}")["balance"] == 100
+
+    asyncio.run(scenario())
