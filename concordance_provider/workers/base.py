@@ -263,7 +263,9 @@ class ConsumerLoop:
                     await asyncio.sleep(1.0)
                     continue
                 turn = asyncio.create_task(self._turn(batch, stopping))
-                if self._overlap == 1:
+                # Fetch beside it only while more is waiting: at low load that fetch would cost a
+                # pull request (and a socket write) per batch for nothing.
+                if self._overlap == 1 or not batch[-1].metadata.num_pending:
                     await turn
                 else:
                     running.add(turn)
