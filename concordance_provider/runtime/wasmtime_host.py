@@ -35,7 +35,7 @@ from .component import (
     RejectedByComponent,
 )
 from .stats import CallStats
-from .wit_calls import Call, compile_call
+from .wit_calls import Call, add_host_func, compile_call, imported_funcs
 
 log = structlog.get_logger(__name__)
 
@@ -175,17 +175,25 @@ class WasmtimeComponent:
         self._instantiate()
 
     def _make_linker(self, engine: wasmtime.Engine) -> Linker:
+        """A linker for ``self._component`` alone: its host functions convert their arguments and
+        results with the types that component imports them with, reflected here once (wasmtime-py's
+        add_func reflects them on every call)."""
         linker = Linker(engine)
         linker.add_wasip2()
         with linker.root() as root:
             with root.add_instance(f"{PACKAGE}/types@{VERSION}"):
                 pass
-            with root.add_instance(f"{PACKAGE}/read-model@{VERSION}") as read_model:
-                read_model.add_func("get", lambda _store, key: self._current_effects().get(key))
-                read_model.add_func("put", lambda _store, key, value: self._put(key, value))
-                read_model.add_func("delete", lambda _store, key: self._put(key, None))
-            with root.add_instance(f"{PACKAGE}/event-publisher@{VERSION}") as publisher:
-                publisher.add_func("publish", self._publish)
+            read_model_name = f"{PACKAGE}/read-model@{VERSION}"
+            types = imported_funcs(self._component, engine, read_model_name)
+            with root.add_instance(read_model_name) as read_model:
+                add_host_func(read_model, "get", lambda _store, key: self._current_effects().get(key),
+                              types.get("get"))
+                add_host_func(read_model, "put", lambda _store, key, value: self._put(key, value), types.get("put"))
+                add_host_func(read_model, "delete", lambda _store, key: self._put(key, None), types.get("delete"))
+            publisher_name = f"{PACKAGE}/event-publisher@{VERSION}"
+            types = imported_funcs(self._component, engine, publisher_name)
+            with root.add_instance(publisher_name) as publisher:
+                add_host_func(publisher, "publish", self._publish, types.get("publish"))
         return linker
 
     def _wasi(self) -> wasmtime.WasiConfig:

@@ -1,31 +1,44 @@
-"""Calls to component exports whose WIT types are reflected once, when the component is loaded.
+"""Calls between the host and a component whose WIT types are reflected once, when it is loaded.
 
 wasmtime-py's ``Func.__call__`` reflects the function's type on every call: the parameter and
 result types, each record's fields, each option's and result's cases, each one a type handle
-allocated and freed through C, in Python, under the GIL. ``compile_call`` walks an export's type
-once into converters that lower arguments and lift results the way wasmtime-py does, giving the
-same Python values and raising the same errors. A function with a type not handled here keeps
-wasmtime-py's own call.
+allocated and freed through C, in Python, under the GIL. Its trampoline for host functions added
+with ``LinkerInstance.add_func`` does the same on every call the component makes to the host.
+``compile_call`` walks an export's type once into converters that lower arguments and lift results
+the way wasmtime-py does, giving the same Python values and raising the same errors;
+``add_host_func`` registers a host function whose parameters are lifted and result lowered by the
+same converters, compiled from the type the component imports it with. A function with a type not
+handled here keeps wasmtime-py's own call or ``add_func``.
+
+This relies on wasmtime-py internals (``Func._func``, ``_tagged()``, ``enter_wasm`` and
+``catch_exceptions``, the C callback ``add_func`` registers, ``Slab``), which is why the project
+pins wasmtime >=50,<51: a new major version must be checked against this module.
 """
 
 from __future__ import annotations
 
 import ctypes
-from ctypes import byref, c_char_p, c_size_t, c_void_p, pointer, string_at
+from ctypes import CFUNCTYPE, byref, c_char_p, c_size_t, c_void_p, create_string_buffer, pointer, string_at
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
-from wasmtime import Storelike
+from wasmtime import Engine, Storelike, StoreContext, WasmtimeError
 from wasmtime import _ffi as ffi
+from wasmtime._slab import Slab
 from wasmtime.component import (
-    F32, F64, S8, S16, S32, S64, U8, U16, U32, U64, Bool, Char, EnumType, FlagsType, Func, ListType,
-    OptionType, Record, RecordType, ResultType, String, TupleType, ValType, Variant, VariantType,
+    F32, F64, S8, S16, S32, S64, U8, U16, U32, U64, Bool, Char, Component, ComponentInstanceType, EnumType,
+    FlagsType, Func, FuncType, LinkerInstance, ListType, OptionType, Record, RecordType, ResultType, String,
+    TupleType, ValType, Variant, VariantType,
 )
-from wasmtime.component._enter import enter_wasm  # private, like Func._func and _tagged(): wasmtime is pinned to 50.x
+# private, like Func._func and _tagged(): wasmtime is pinned to 50.x
+from wasmtime.component._enter import catch_exceptions, enter_wasm
 
 Val = ffi.wasmtime_component_val_t
 Lower = Callable[[Storelike, Any, Any], None]  # (store, value, C value to fill)
 Lift = Callable[[Any], Any]  # C value -> Python value; takes what the C value owns
 Call = Callable[..., Any]  # (store, *args) -> result, like Func.__call__
+HostFunc = Callable[..., Any]  # (store, *params) -> result, as LinkerInstance.add_func takes it
+# (store, C arguments, their count, C results, their count): lifts, calls the host function, lowers
+Trampoline = Callable[[StoreContext, Any, int, Any, int], None]
 
 BOOL = ffi.WASMTIME_COMPONENT_BOOL.value
 STRING = ffi.WASMTIME_COMPONENT_STRING.value
@@ -91,6 +104,98 @@ def _call(func: Func, lowers: Sequence[Lower], lift: Optional[Lift]) -> Call:
 
     return call
 
+
+# -- host functions: what the component imports ----------------------------------------------------
+
+def imported_funcs(component: Component, engine: Engine, instance: Optional[str] = None) -> dict[str, FuncType]:
+    """The types of the functions ``component`` imports from ``instance`` (None: at its root),
+    by name; none if it does not import ``instance``."""
+    imports = component.type.imports(engine)
+    if instance is not None:
+        extern = imports.get(instance)
+        instance_type = extern.ty if extern is not None else None
+        if not isinstance(instance_type, ComponentInstanceType):
+            return {}
+        imports = instance_type.exports(engine)
+    found = {}
+    for name, extern in imports.items():
+        item = extern.ty
+        if isinstance(item, FuncType):
+            found[name] = item
+    return found
+
+
+def add_host_func(instance: LinkerInstance, name: str, func: HostFunc, func_type: Optional[FuncType]) -> bool:
+    """Define ``name`` in ``instance`` as ``func``, like ``instance.add_func``, with its parameters
+    lifted and its result lowered by converters compiled from ``func_type``: the type the one
+    component this linker instantiates imports it with (see ``imported_funcs``). Without a type,
+    or with one not handled here, it is ``add_func`` itself. True if the converters were compiled."""
+    trampoline = _compiled(func, func_type)
+    if trampoline is None:
+        instance.add_func(name, func)
+        return False
+    instance._assert_not_locked()
+    encoded = name.encode("utf-8")
+    index = _TRAMPOLINES.allocate(trampoline)
+    error = ffi.wasmtime_component_linker_instance_add_func(
+        instance.ptr(), create_string_buffer(encoded), len(encoded), _host_callback, index, _host_finalize)
+    if error:
+        raise WasmtimeError._from_ptr(error)
+    return True
+
+
+def _compiled(func: HostFunc, func_type: Optional[FuncType]) -> Optional[Trampoline]:
+    if func_type is None:
+        return None
+    try:
+        return _trampoline(func, func_type)
+    except Unsupported:
+        return None
+
+
+def _trampoline(func: HostFunc, func_type: FuncType) -> Trampoline:
+    """What wasmtime-py's ``func_impl`` does on each call, with the types reflected now."""
+    lifts = [converter(ty).lift for _, ty in func_type.params]
+    result = func_type.result
+    lower = converter(result).lower if result is not None else None
+    count, result_count = len(lifts), 0 if lower is None else 1
+
+    def run(store: StoreContext, args: Any, nargs: int, results: Any, nresults: int) -> None:
+        # wasmtime passes what the import's type says; func_impl asserts it, and so does this
+        if nargs != count or nresults != result_count:
+            raise AssertionError(f"host function given {nargs} arguments and {nresults} result slots; "
+                                 f"its type has {count} and {result_count}")
+        # each lift takes what its C argument owns, as convert_from_c does; wasmtime frees the rest
+        value = func(store, *[lift(args[index]) for index, lift in enumerate(lifts)])
+        if lower is not None:
+            lower(store, value, results[0])
+        elif value is not None:
+            raise AssertionError(f"host function without a result returned a {type(value).__name__}")
+
+    return run
+
+
+# Each registered host function's trampoline, by the index wasmtime hands back to the callback.
+_TRAMPOLINES: Slab[Trampoline] = Slab()
+
+
+@ffi.wasmtime_component_func_callback_t  # type: ignore[misc]
+def _host_callback(index: Optional[int], context: Any, _ty: Any, args: Any, nargs: int, results: Any,
+                   nresults: int) -> int:
+    # _ty, the import's type, is not reflected: the trampoline was compiled from it at registration.
+    # catch_exceptions, as func_impl: an exception from the host function is kept and raised again
+    # to the export's caller by enter_wasm (a WasmtimeError is the trap itself)
+    return catch_exceptions(  # type: ignore[return-value]
+        context, lambda store: _TRAMPOLINES.get(index or 0)(store, args, nargs, results, nresults))
+
+
+@CFUNCTYPE(None, c_void_p)  # type: ignore[misc]
+def _host_finalize(index: Optional[int]) -> None:
+    if _TRAMPOLINES is not None:  # a module global is None while the interpreter shuts down
+        _TRAMPOLINES.deallocate(index or 0)
+
+
+# -- converters ------------------------------------------------------------------------------------
 
 def converter(ty: ValType) -> Converter:
     """Lowering and lifting for ``ty``, with everything about the type looked up now."""
