@@ -262,6 +262,8 @@ class ConsumerLoop:
                     self._log.warning("fetch failed", error=str(exc))
                     await asyncio.sleep(1.0)
                     continue
+                if not batch:  # a short fetch can end with nothing and no timeout
+                    continue
                 turn = asyncio.create_task(self._turn(batch, stopping))
                 # Fetch beside it only while more is waiting: at low load that fetch would cost a
                 # pull request (and a socket write) per batch for nothing.
