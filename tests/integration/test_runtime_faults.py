@@ -170,26 +170,43 @@ async def test_daemon_keeps_serving_while_a_component_loops_forever(looper_compo
         assert _cli("deadletters", "list", "--nats-url", server.url) == ""
 
 
-@pytest.mark.parametrize("command, error", [
+MALFORMED = [
     ("bad_type", "malformed event"),
     ("bad_payload", "payload is not JSON"),
     ("wrong_stream", "may only append to its stream 'looper'"),
     ("huge", "over the NATS maximum payload"),
     ("unfoldable", "refused to apply unfoldable: this event cannot be folded (after 3 attempts)"),
-])
-async def test_malformed_events_from_a_component_append_nothing(looper_component, tmp_path, command, error):
-    manifest = tmp_path / "app.yaml"
+]
+
+
+@pytest.fixture(scope="module")
+async def malformed(looper_component, tmp_path_factory):
+    """One daemon for the malformed-event cases. Each case's command, on a key of its own, is sent
+    at once, so that their retries run side by side; each case then reads its own outcome."""
+    tmp = tmp_path_factory.mktemp("malformed")
+    manifest = tmp / "app.yaml"
     manifest.write_text(MANIFEST % looper_component)
-    with nats_server(tmp_path) as server, daemon(manifest, tmp_path / "d.log", "--nats-url", server.url):
+    with nats_server(tmp) as server, daemon(manifest, tmp / "d.log", "--nats-url", server.url):
         async with client(server.url) as nc:
-            seq = await send(nc, "looper", {"command_type": command, "key": "M1", "data": {}})
-            outcome = await result(nc, seq, timeout=60)
-            assert outcome["status"] == "rejected" and error in outcome["error"]
-            assert outcome["error"].endswith("(after 3 attempts)")  # retried, then rejected
-            (letter,) = await events_of_stream(nc, "CC_DEADLETTER", "cc.deadletter.AGG_CMD_looper")
-            assert (letter["stream_seq"], letter["deliveries"], letter["reason"]) == (seq, 3, outcome["error"])
-            assert await kv_json(nc, "CC_STATE", "agg.looper.M1") is None
-            assert (await nc.jetstream().stream_info("CC_EVENTS")).state.messages == 0
+            sent = {command: await send(nc, "looper", {"command_type": command, "key": f"M-{command}", "data": {}})
+                    for command, _ in MALFORMED}
+        yield server.url, sent
+
+
+@pytest.mark.parametrize("command, error", MALFORMED)
+async def test_malformed_events_from_a_component_append_nothing(malformed, command, error):
+    url, sent = malformed
+    seq = sent[command]
+    async with client(url) as nc:
+        outcome = await result(nc, seq, timeout=60)
+        assert outcome["status"] == "rejected" and error in outcome["error"]
+        assert outcome["error"].endswith("(after 3 attempts)")  # retried, then rejected
+        letters = await events_of_stream(nc, "CC_DEADLETTER", "cc.deadletter.AGG_CMD_looper")
+        assert {letter["stream_seq"] for letter in letters} <= set(sent.values()), letters  # only those sent
+        (letter,) = [letter for letter in letters if letter["stream_seq"] == seq]
+        assert (letter["stream_seq"], letter["deliveries"], letter["reason"]) == (seq, 3, outcome["error"])
+        assert await kv_json(nc, "CC_STATE", f"agg.looper.M-{command}") is None
+        assert (await nc.jetstream().stream_info("CC_EVENTS")).state.messages == 0
 
 
 @pytest.mark.parametrize("command, timeout_ms, error", [
