@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
+from typing import AsyncIterator
 
 import pytest
 
 from concordance_provider.build import build_component
 
 from .harness import (
+    DaemonProcess,
     client,
     daemon,
     events,
@@ -129,33 +133,61 @@ def _note(number: int, keys: list[str]) -> bytes:
 BAD_KEYS = ["notes.has space", "notes.*", "notes..empty", "_cc.checkpoint.PROJ_writer"]
 
 
-@pytest.mark.parametrize("role, consumer", [("projector", "PROJ_writer"), ("notifier", "NOTIFIER_writer")])
-async def test_a_handler_writing_an_invalid_read_model_key_is_retried_then_dead_lettered(tmp_path, role, consumer):
+WRITERS = [("projector", "PROJ_writer"), ("notifier", "NOTIFIER_writer")]
+
+
+@dataclass
+class WriterCase:
+    url: str
+    process: DaemonProcess
+    bad: dict[int, str]  # the event's CC_EVENTS sequence -> the invalid key it writes
+    after: int  # the sequence of the good event published after the bad ones
+
+
+@pytest.fixture(scope="module")
+async def writers(tmp_path_factory) -> AsyncIterator[dict[str, WriterCase]]:
+    """The projector's case and the notifier's, each on its own nats-server with its own daemon,
+    started together and sent their events at once: the retries, most of each case's time, run
+    side by side."""
     writer = TEST_BUILD / "writer.wasm"
     build_component(ROOT / "tests" / "components" / "writer", "stateless-handler", writer)
-    manifest = tmp_path / "app.yaml"
-    manifest.write_text(WRITER % {"writer": writer, "role": role})
-    with nats_server(tmp_path) as server, daemon(manifest, tmp_path / "d.log", "--nats-url", server.url) as process:
-        async with client(server.url) as nc:
-            js = nc.jetstream()
-            await js.publish("cc.events.note_taken.notes.N0", _note(0, ["notes.first"]))
-            bad = {(await js.publish(f"cc.events.note_taken.notes.B{n}", _note(n, [f"notes.valid{n}", key]))).seq: key
-                   for n, key in enumerate(BAD_KEYS)}
-            after = await js.publish("cc.events.note_taken.notes.N9", _note(9, ["notes.last"]))
+    cases = {}
+    with ExitStack() as running:
+        for role, _ in WRITERS:
+            tmp = tmp_path_factory.mktemp(role)
+            manifest = tmp / "app.yaml"
+            manifest.write_text(WRITER % {"writer": writer, "role": role})
+            server = running.enter_context(nats_server(tmp))
+            process = running.enter_context(daemon(manifest, tmp / "d.log", "--nats-url", server.url))
+            async with client(server.url) as nc:
+                js = nc.jetstream()
+                await js.publish("cc.events.note_taken.notes.N0", _note(0, ["notes.first"]))
+                bad = {(await js.publish(f"cc.events.note_taken.notes.B{n}", _note(n, [f"notes.valid{n}", key]))).seq:
+                       key for n, key in enumerate(BAD_KEYS)}
+                after = await js.publish("cc.events.note_taken.notes.N9", _note(9, ["notes.last"]))
+            cases[role] = WriterCase(server.url, process, bad, after.seq)
+        yield cases
 
-            async def letters() -> list[dict]:
-                return await events_of_stream(nc, "CC_DEADLETTER", f"cc.deadletter.{consumer}")
 
-            found = await eventually(letters, lambda found: len(found) == len(BAD_KEYS), timeout=60)
-            # each retried once, then dead, with a reason that names the key; the server's delivery
-            # count also holds hand-backs of events waiting behind a failing one in their batch
-            assert {d["stream_seq"]: d["reason"] for d in found} == {
-                seq: f"handler wrote read-model keys that are not valid KV keys: [{key!r}] (after 2 attempts)"
-                for seq, key in bad.items()}
-            assert all(d["deliveries"] >= 2 for d in found)
-            checkpoint = lambda: kv_json(nc, "CC_RM_writer", f"_cc.checkpoint.{consumer}")  # noqa: E731
-            assert await eventually(checkpoint, after.seq) == after.seq  # the handler went on
-            written = await js.stream_info("KV_CC_RM_writer", subjects_filter="$KV.CC_RM_writer.notes.>")
-            # the events before and after are applied; nothing of a bad one, not even its valid key
-            assert sorted(written.state.subjects or {}) == ["$KV.CC_RM_writer.notes.first", "$KV.CC_RM_writer.notes.last"]
-        assert process.process.poll() is None
+@pytest.mark.parametrize("role, consumer", WRITERS)
+async def test_a_handler_writing_an_invalid_read_model_key_is_retried_then_dead_lettered(writers, role, consumer):
+    case = writers[role]
+    async with client(case.url) as nc:
+        js = nc.jetstream()
+
+        async def letters() -> list[dict]:
+            return await events_of_stream(nc, "CC_DEADLETTER", f"cc.deadletter.{consumer}")
+
+        found = await eventually(letters, lambda found: len(found) == len(BAD_KEYS), timeout=60)
+        # each retried once, then dead, with a reason that names the key; the server's delivery
+        # count also holds hand-backs of events waiting behind a failing one in their batch
+        assert {d["stream_seq"]: d["reason"] for d in found} == {
+            seq: f"handler wrote read-model keys that are not valid KV keys: [{key!r}] (after 2 attempts)"
+            for seq, key in case.bad.items()}
+        assert all(d["deliveries"] >= 2 for d in found)
+        checkpoint = lambda: kv_json(nc, "CC_RM_writer", f"_cc.checkpoint.{consumer}")  # noqa: E731
+        assert await eventually(checkpoint, case.after) == case.after  # the handler went on
+        written = await js.stream_info("KV_CC_RM_writer", subjects_filter="$KV.CC_RM_writer.notes.>")
+        # the events before and after are applied; nothing of a bad one, not even its valid key
+        assert sorted(written.state.subjects or {}) == ["$KV.CC_RM_writer.notes.first", "$KV.CC_RM_writer.notes.last"]
+    assert case.process.process.poll() is None

@@ -8,9 +8,10 @@ import os
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import AsyncIterator, Iterator
 
 import msgpack
 import nats
@@ -19,7 +20,7 @@ import pytest
 from concordance_provider.build import build_component
 from concordance_provider.nats_server import free_port
 
-from .harness import client, configured_nats_server, daemon, eventually, events, events_of_stream, kv_json, nats_server, result, send
+from .harness import DaemonProcess, client, configured_nats_server, daemon, eventually, events, events_of_stream, kv_json, nats_server, result, send
 
 pytestmark = pytest.mark.integration
 
@@ -203,89 +204,113 @@ def _memory_mib(pid: int) -> dict[str, float]:
     return {name: int(fields[name].split()[0]) / 1024 for name in ("VmRSS", "VmHWM")}
 
 
+READ_MODEL_ASKS = {  # the reason each ask fails with -> the ask
+    "read-model value for key 'hoard.0' is over the cap of 1048576 bytes per value "
+    "(8000000 characters or more)": _ask(1, puts=40, size=8_000_000),
+    "read-model write of key 'hoard.8' brings this call's writes to 4718592 bytes, over the cap "
+    "of 4194304": _ask(2, puts=40, size=512 * 1024),
+    "read-model write of key 'hoard.999' is over the cap of 999 keys per call": _ask(3, puts=1200, size=1),
+}
+EVENT_ASKS = {
+    "event 'hoarded' for key 'H100' is over the cap of 100 events published per call": _ask(1, publish=150),
+    "event 'hoarded' for key 'H0' has a payload over the cap of 1048576 bytes (2000012 characters "
+    "or more)": _ask(2, publish=1, publish_size=2_000_000),
+    "event 'hoarded' for key 'H4' brings this call's events to 5000060 bytes, over the cap of "
+    "4194304": _ask(3, publish=5, publish_size=1_000_000),
+}
+
+
+@dataclass
+class Hoarding:
+    url: str
+    process: DaemonProcess
+    consumer: str
+    expected: dict[int, str]  # each failing ask's CC_EVENTS sequence -> the reason it fails with
+    last: int  # the sequence of the good ask published after them
+    before: dict[str, float]  # the daemon's memory before the failing asks
+
+
+@pytest.fixture(scope="module")
+async def hoarders(tmp_path_factory) -> AsyncIterator[dict[str, Hoarding]]:
+    """The hoarder as a projector and as a notifier asking for read-model writes over their caps,
+    and as a notifier asking to publish events over theirs: each case on its own nats-server with
+    its own daemon, started one after another and sent its asks at once, so that their retries,
+    most of each case's time, run side by side."""
+    wasm = TEST_BUILD / "hoarder.wasm"
+    build_component(ROOT / "tests" / "components" / "hoarder", "stateless-handler", wasm)
+    cases = {}
+    with ExitStack() as running:
+        for case, role, asks in (("projector", "projector", READ_MODEL_ASKS),
+                                 ("notifier", "notifier", READ_MODEL_ASKS), ("events", "notifier", EVENT_ASKS)):
+            tmp = tmp_path_factory.mktemp(f"hoarder-{case}")
+            manifest = tmp / "app.yaml"
+            manifest.write_text(HOARDER % {"wasm": wasm, "role": role})
+            consumer = f"{'PROJ' if role == 'projector' else 'NOTIFIER'}_hoarder"
+            server = running.enter_context(nats_server(tmp))
+            process = running.enter_context(daemon(manifest, tmp / "d.log", "--nats-url", server.url))
+            async with client(server.url) as nc:
+                js = nc.jetstream()
+                if asks is READ_MODEL_ASKS:
+                    first = await js.publish("cc.events.hoard_asked.asks.A0", _ask(0, puts=3, size=1000))
+                    checkpoint = lambda: kv_json(nc, "CC_RM_hoarder", f"_cc.checkpoint.{consumer}")  # noqa: E731
+                    assert await eventually(checkpoint, first.seq) == first.seq
+                before = _memory_mib(process.process.pid)
+                expected = {(await js.publish(f"cc.events.hoard_asked.asks.B{n}", body)).seq: reason
+                            for n, (reason, body) in enumerate(asks.items())}
+                last = await js.publish("cc.events.hoard_asked.asks.A9", _ask(9, puts=1, size=10)
+                                        if asks is READ_MODEL_ASKS else _ask(9, publish=2, publish_size=10))
+            cases[case] = Hoarding(server.url, process, consumer, expected, last.seq, before)
+        yield cases
+
+
+async def _letters(nc, case: Hoarding) -> list[dict]:
+    """The case's dead letters, once there is one for each failing ask (within 90 s)."""
+    async def letters() -> list[dict]:
+        return await events_of_stream(nc, "CC_DEADLETTER", f"cc.deadletter.{case.consumer}")
+
+    return await eventually(letters, lambda found: len(found) == len(case.expected), timeout=90)
+
+
 @pytest.mark.parametrize("role", ["projector", "notifier"])
-async def test_read_model_writes_over_their_caps_fail_the_call_and_are_not_held(tmp_path, role):
+async def test_read_model_writes_over_their_caps_fail_the_call_and_are_not_held(hoarders, role):
     """40 values of 8 MB from a component limited to 64 MB: the first is refused as it is handed
     over, so the daemon's peak memory does not grow by what the component asked it to keep."""
-    wasm = TEST_BUILD / "hoarder.wasm"
-    build_component(ROOT / "tests" / "components" / "hoarder", "stateless-handler", wasm)
-    manifest = tmp_path / "app.yaml"
-    manifest.write_text(HOARDER % {"wasm": wasm, "role": role})
-    consumer = f"{'PROJ' if role == 'projector' else 'NOTIFIER'}_hoarder"
-    with nats_server(tmp_path) as server, daemon(manifest, tmp_path / "d.log", "--nats-url", server.url) as process:
-        async with client(server.url) as nc:
-            js = nc.jetstream()
-            first = await js.publish("cc.events.hoard_asked.asks.A0", _ask(0, puts=3, size=1000))
-            checkpoint = lambda: kv_json(nc, "CC_RM_hoarder", f"_cc.checkpoint.{consumer}")  # noqa: E731
-            assert await eventually(checkpoint, first.seq) == first.seq
-            before = _memory_mib(process.process.pid)
-            asks = {
-                "read-model value for key 'hoard.0' is over the cap of 1048576 bytes per value "
-                "(8000000 characters or more)": _ask(1, puts=40, size=8_000_000),
-                "read-model write of key 'hoard.8' brings this call's writes to 4718592 bytes, over the cap "
-                "of 4194304": _ask(2, puts=40, size=512 * 1024),
-                "read-model write of key 'hoard.999' is over the cap of 999 keys per call": _ask(3, puts=1200, size=1),
-            }
-            expected = {(await js.publish(f"cc.events.hoard_asked.asks.B{n}", body)).seq: reason
-                        for n, (reason, body) in enumerate(asks.items())}
-            last = await js.publish("cc.events.hoard_asked.asks.A9", _ask(9, puts=1, size=10))
-
-            async def letters() -> list[dict]:
-                return await events_of_stream(nc, "CC_DEADLETTER", f"cc.deadletter.{consumer}")
-
-            found = await eventually(letters, lambda found: len(found) == len(expected), timeout=90)
-            after = _memory_mib(process.process.pid)
-            reasons = {d["stream_seq"]: d["reason"] for d in found}
-            for seq, reason in expected.items():
-                assert reasons[seq] == (f"handler failed on hoard_asked: component 'hoarder' failed in "
-                                        f"apply-stateless-event: {reason} (after 2 attempts)"), reasons[seq]
-            assert await eventually(checkpoint, last.seq) == last.seq  # the handler went on
-            written = await (await js.key_value("CC_RM_hoarder")).get("hoard.0")
-            assert written.value == b"x" * 10  # and wrote the next event
-        over = [entry for entry in process.logs() if entry.get("event") == "read-model write over its cap; the call fails"]
-        assert {(entry["component"], entry["key"]) for entry in over} == {
-            ("hoarder", "hoard.0"), ("hoarder", "hoard.8"), ("hoarder", "hoard.999")}
-        assert process.process.poll() is None
-    print(f"daemon memory in MiB before {before}, after {after}")
+    case = hoarders[role]
+    async with client(case.url) as nc:
+        found = await _letters(nc, case)
+        after = _memory_mib(case.process.process.pid)
+        reasons = {d["stream_seq"]: d["reason"] for d in found}
+        for seq, reason in case.expected.items():
+            assert reasons[seq] == (f"handler failed on hoard_asked: component 'hoarder' failed in "
+                                    f"apply-stateless-event: {reason} (after 2 attempts)"), reasons[seq]
+        checkpoint = lambda: kv_json(nc, "CC_RM_hoarder", f"_cc.checkpoint.{case.consumer}")  # noqa: E731
+        assert await eventually(checkpoint, case.last) == case.last  # the handler went on
+        written = await (await nc.jetstream().key_value("CC_RM_hoarder")).get("hoard.0")
+        assert written.value == b"x" * 10  # and wrote the next event
+    over = [entry for entry in case.process.logs() if entry.get("event") == "read-model write over its cap; the call fails"]
+    assert {(entry["component"], entry["key"]) for entry in over} == {
+        ("hoarder", "hoard.0"), ("hoarder", "hoard.8"), ("hoarder", "hoard.999")}
+    assert case.process.process.poll() is None
+    print(f"daemon memory in MiB before {case.before}, after {after}")
     # The guest's own 64 MB and one value in passing, not the 320 MB it asked the daemon to keep.
-    assert after["VmHWM"] - before["VmHWM"] < 160, (before, after)
+    assert after["VmHWM"] - case.before["VmHWM"] < 160, (case.before, after)
 
 
-async def test_events_published_over_their_caps_fail_the_call(tmp_path):
-    wasm = TEST_BUILD / "hoarder.wasm"
-    build_component(ROOT / "tests" / "components" / "hoarder", "stateless-handler", wasm)
-    manifest = tmp_path / "app.yaml"
-    manifest.write_text(HOARDER % {"wasm": wasm, "role": "notifier"})
-    with nats_server(tmp_path) as server, daemon(manifest, tmp_path / "d.log", "--nats-url", server.url) as process:
-        async with client(server.url) as nc:
-            js = nc.jetstream()
-            asks = {
-                "event 'hoarded' for key 'H100' is over the cap of 100 events published per call":
-                    _ask(1, publish=150),
-                "event 'hoarded' for key 'H0' has a payload over the cap of 1048576 bytes (2000012 characters "
-                "or more)": _ask(2, publish=1, publish_size=2_000_000),
-                "event 'hoarded' for key 'H4' brings this call's events to 5000060 bytes, over the cap of "
-                "4194304": _ask(3, publish=5, publish_size=1_000_000),
-            }
-            expected = {(await js.publish(f"cc.events.hoard_asked.asks.B{n}", body)).seq: reason
-                        for n, (reason, body) in enumerate(asks.items())}
-            last = await js.publish("cc.events.hoard_asked.asks.A9", _ask(9, publish=2, publish_size=10))
-
-            async def letters() -> list[dict]:
-                return await events_of_stream(nc, "CC_DEADLETTER", "cc.deadletter.NOTIFIER_hoarder")
-
-            found = await eventually(letters, lambda found: len(found) == len(expected), timeout=90)
-            reasons = {d["stream_seq"]: d["reason"] for d in found}
-            for seq, reason in expected.items():
-                assert reasons[seq] == (f"handler failed on hoard_asked: component 'hoarder' failed in "
-                                        f"apply-stateless-event: {reason} (after 2 attempts)"), reasons[seq]
-            checkpoint = lambda: kv_json(nc, "CC_RM_hoarder", "_cc.checkpoint.NOTIFIER_hoarder")  # noqa: E731
-            assert await eventually(checkpoint, last.seq) == last.seq
-            # only the last event's two events were published: nothing of a call that failed
-            published = await events(nc, "cc.events.hoarded.>")
-            assert [subject for subject, _ in published] == ["cc.events.hoarded.hoard.H0", "cc.events.hoarded.hoard.H1"]
-        over = [entry for entry in process.logs() if entry.get("event") == "publish over its cap; the call fails"]
-        assert {entry["key"] for entry in over} == {"H100", "H0", "H4"}
+async def test_events_published_over_their_caps_fail_the_call(hoarders):
+    case = hoarders["events"]
+    async with client(case.url) as nc:
+        found = await _letters(nc, case)
+        reasons = {d["stream_seq"]: d["reason"] for d in found}
+        for seq, reason in case.expected.items():
+            assert reasons[seq] == (f"handler failed on hoard_asked: component 'hoarder' failed in "
+                                    f"apply-stateless-event: {reason} (after 2 attempts)"), reasons[seq]
+        checkpoint = lambda: kv_json(nc, "CC_RM_hoarder", "_cc.checkpoint.NOTIFIER_hoarder")  # noqa: E731
+        assert await eventually(checkpoint, case.last) == case.last
+        # only the last event's two events were published: nothing of a call that failed
+        published = await events(nc, "cc.events.hoarded.>")
+        assert [subject for subject, _ in published] == ["cc.events.hoarded.hoard.H0", "cc.events.hoarded.hoard.H1"]
+    over = [entry for entry in case.process.logs() if entry.get("event") == "publish over its cap; the call fails"]
+    assert {entry["key"] for entry in over} == {"H100", "H0", "H4"}
 
 
 async def test_a_component_on_a_wasmcloud_host_is_held_to_the_same_caps(tmp_path):
