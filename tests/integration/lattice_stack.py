@@ -128,4 +128,7 @@ class Deployment:
         return " component(s) on host " in self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
-        _stop(self.process)
+        """SIGTERM, as Ctrl-C: an idle watch ends within its 1 s poll. One still starting workloads
+        on a new host finishes that first (up to 120 s a workload), so it is killed after 3 s:
+        nothing here waits on what it would have done."""
+        _stop(self.process, timeout=3.0)
