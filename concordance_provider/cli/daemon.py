@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from pydantic import SecretStr
 
 from .. import __version__
 from ..build import BuildError, build_component
@@ -129,9 +130,7 @@ def up(
         assert manifest is not None
         second = StatelessProcess(manifest, _second_arguments(
             options, stuck_after, results_ttl, signing_key_file, log_level, log_format),
-            environment={name: value.get_secret_value() if hasattr(value, "get_secret_value") else value
-                         for name, value in (("NATS_URL", options.url), ("NATS_PASSWORD", password_secret),
-                                             ("NATS_TOKEN", token_secret)) if value})
+            environment=_second_environment(options.url, password_secret, token_secret))
     try:
         asyncio.run(_serve(daemon, server, second, stop_with_stdin))
     except (ComponentLoadError, IncompatibleStream, DaemonFailed, LinkError) as exc:
@@ -172,6 +171,17 @@ def _second_arguments(options: NatsOptions, stuck_after: float, results_ttl: str
         if value is not None:
             arguments += [flag, str(value)]
     return arguments
+
+
+def _second_environment(url: str, password: SecretStr | None, token: SecretStr | None) -> dict[str, str]:
+    """What may hold a secret (a URL with a password in it, too) goes to the second process in its
+    environment, readable by its owner only, never on its command line."""
+    environment = {"NATS_URL": url}
+    if password is not None:
+        environment["NATS_PASSWORD"] = password.get_secret_value()
+    if token is not None:
+        environment["NATS_TOKEN"] = token.get_secret_value()
+    return environment
 
 
 def _signer(key_file: Path | None) -> Signer | None:

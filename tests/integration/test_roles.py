@@ -178,7 +178,9 @@ async def test_a_handler_writing_an_invalid_read_model_key_is_retried_then_dead_
         async def letters() -> list[dict]:
             return await events_of_stream(nc, "CC_DEADLETTER", f"cc.deadletter.{consumer}")
 
-        found = await eventually(letters, lambda found: len(found) == len(BAD_KEYS), timeout=60)
+        # the last bad event's retries wait the longest: each hand-back behind a failing event counts
+        # as a delivery, so its backoff reaches 30 s and more on a loaded machine
+        found = await eventually(letters, lambda found: len(found) == len(BAD_KEYS), timeout=180)
         # each retried once, then dead, with a reason that names the key; the server's delivery
         # count also holds hand-backs of events waiting behind a failing one in their batch
         assert {d["stream_seq"]: d["reason"] for d in found} == {
