@@ -247,7 +247,7 @@ class ConsumerLoop:
         try:
             while not stopping.is_set():
                 room = min(self.spec.batch, self.spec.max_ack_pending - len(self.in_flight))
-                if len(running) >= self._overlap or room < 1:
+                if running and (len(running) >= self._overlap or room < 1):
                     _, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
                     continue
                 self.last_turn = time.monotonic()

@@ -329,6 +329,12 @@ def test_a_command_that_goes_back_unsettled_makes_the_next_batch_read() -> None:
     assert waits(queue, deliveries((2, 2))) == {2: (1,)}
 
 
+def dispatching(batch: list[FakeMsg], handle, must_wait, held: HeldCommands) -> asyncio.Task[None]:
+    """``batch`` dispatched in the background, its commands held in ``held`` beside other batches."""
+    return asyncio.create_task(dispatch_by_key(batch, lambda m: m.key, handle, asyncio.Event(),  # type: ignore[arg-type]
+                                               must_wait=must_wait, held=held))
+
+
 def overlapping(first: list[FakeMsg], second: list[FakeMsg], unsettled: set[int] = frozenset(),
                 release_first_after_second: bool = True) -> tuple[list[str], list[int]]:
     """Dispatch ``first``, then ``second`` beside it, with commands held across them. The first batch's
@@ -353,11 +359,9 @@ def overlapping(first: list[FakeMsg], second: list[FakeMsg], unsettled: set[int]
         async def order(msgs: list[FakeMsg], held_keys: dict) -> dict:
             return {}
 
-        one = asyncio.create_task(dispatch_by_key(first, lambda m: m.key, handle, asyncio.Event(),  # type: ignore[arg-type]
-                                                  must_wait=order, held=held))
+        one = dispatching(first, handle, order, held)
         await asyncio.sleep(0.005)
-        two = asyncio.create_task(dispatch_by_key(second, lambda m: m.key, handle, asyncio.Event(),  # type: ignore[arg-type]
-                                                  must_wait=order, held=held))
+        two = dispatching(second, handle, order, held)
         await asyncio.sleep(0.005)
         second_started.set()
         await asyncio.gather(one, two)
@@ -413,11 +417,9 @@ def test_a_command_held_when_the_batch_was_checked_is_followed_even_if_it_finish
             await first_done.wait()  # the read takes a while
             return {}
 
-        one = asyncio.create_task(dispatch_by_key(first, lambda m: m.key, handle, asyncio.Event(),  # type: ignore[arg-type]
-                                                  must_wait=no_wait, held=held))
+        one = dispatching(first, handle, no_wait, held)
         await asyncio.sleep(0.005)
-        two = asyncio.create_task(dispatch_by_key(second, lambda m: m.key, handle, asyncio.Event(),  # type: ignore[arg-type]
-                                                  must_wait=slow_check, held=held))
+        two = dispatching(second, handle, slow_check, held)
         await one
         first_done.set()
         await two
