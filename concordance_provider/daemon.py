@@ -37,7 +37,7 @@ from .store.state import StateStore
 from .store.streams import DAY, ensure_all, ensure_bucket
 from .stream_watch import StreamWatch
 from .workers.aggregate import COMMAND_BATCHES_AT_ONCE, AggregateWorker
-from .workers.base import ConsumerLoop
+from .workers.base import GATHER_SECONDS, ConsumerLoop
 from .workers.process_manager import ProcessManagerWorker
 from .workers.router import UnroutedCommands
 from .workers.stateless import StatelessWorker, read_model_bucket
@@ -351,7 +351,7 @@ class Daemon:
         if interest.role is Role.AGGREGATE:
             agg = AggregateWorker(interest, component, stores.events, stores.states, stores.results, stores.dead)
             return [ConsumerLoop(js, agg.command_consumer(), agg.dispatch_commands, overlap=COMMAND_BATCHES_AT_ONCE),
-                    ConsumerLoop(js, agg.event_consumer(), agg.dispatch_events)]
+                    ConsumerLoop(js, agg.event_consumer(), agg.dispatch_events, gather=GATHER_SECONDS)]
         if interest.role is Role.PROCESS_MANAGER:
             pm = ProcessManagerWorker(interest, component, stores.states, self.nc, stores.dead, self.signer)
             return [ConsumerLoop(js, pm.consumer(), pm.dispatch)]
@@ -359,4 +359,4 @@ class Daemon:
         await ensure_bucket(js, bucket, atomic=True)
         handler = StatelessWorker(interest, component, ReadModel(self.nc, bucket, interest.consumer_name),
                                   stores.events, self._aggregate_streams, stores.dead)
-        return [ConsumerLoop(js, handler.consumer(), handler.dispatch)]
+        return [ConsumerLoop(js, handler.consumer(), handler.dispatch, gather=GATHER_SECONDS)]

@@ -41,6 +41,10 @@ OUTAGE_BACKOFF_SECONDS = 5.0  # a component host that comes back is used within 
 ORDER_WAIT_SECONDS = 0.5  # a message waiting for an earlier one of its key looks again this soon
 ORDER_HOLD_SECONDS = 0.25  # how long a message waits in place for an earlier one held elsewhere
 OVERLAP_FETCH_SECONDS = 0.05  # how long a fetch beside a running batch waits for messages
+# A consumer off the command path (projectors, notifiers, an aggregate's event consumer) waits this
+# long after a batch that emptied its queue, so that a trickle of events is taken a batch at a time:
+# the costs of a fetch, a read-model commit and the socket writes are then shared by many events.
+GATHER_SECONDS = 0.02
 
 
 class Retry(Exception):
@@ -204,13 +208,16 @@ class ConsumerLoop:
     """Fetch from one durable consumer and hand each fetched batch to ``dispatch``."""
 
     def __init__(self, js: JetStreamContext, spec: ConsumerSpec,
-                 dispatch: Callable[[list[Msg], asyncio.Event], Awaitable[None]], overlap: int = 1) -> None:
+                 dispatch: Callable[[list[Msg], asyncio.Event], Awaitable[None]], overlap: int = 1,
+                 gather: float = 0.0) -> None:
         """``overlap``: how many fetched batches may be dispatched at once (the next is fetched while
-        the last is dispatched); more than one only for a ``dispatch`` that keeps order across them."""
+        the last is dispatched); more than one only for a ``dispatch`` that keeps order across them.
+        ``gather``: seconds to wait before the next fetch once a batch has emptied the queue."""
         self._js = js
         self.spec = spec
         self._dispatch = dispatch
         self._overlap = overlap
+        self._gather = gather
         self._log = log.bind(consumer=spec.durable)
         self.last_turn = time.monotonic()  # when the loop last came round to fetch
         self._batches: list[tuple[float, list[Msg]]] = []  # those being dispatched, with when each began
@@ -271,6 +278,8 @@ class ConsumerLoop:
                     await turn
                 else:
                     running.add(turn)
+                if self._gather and not running and not batch[-1].metadata.num_pending:
+                    await _wait_or_stop(stopping, self._gather)
         finally:
             if running:
                 await asyncio.gather(*running, return_exceptions=True)
@@ -286,6 +295,13 @@ class ConsumerLoop:
         finally:
             self._batches = [(began, other) for began, other in self._batches if other is not batch]
             keeper.cancel()
+
+
+async def _wait_or_stop(stopping: asyncio.Event, seconds: float) -> None:
+    try:
+        await asyncio.wait_for(stopping.wait(), seconds)
+    except asyncio.TimeoutError:
+        pass
 
 
 async def release(sub: Any, within: float = 2.0) -> int:

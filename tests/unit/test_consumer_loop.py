@@ -83,3 +83,28 @@ def test_an_empty_fetch_is_fetched_again_with_batches_overlapping_or_not() -> No
 
         asyncio.run(scenario())
         assert dispatched == [[1], [2, 3]], overlap
+
+
+def test_a_gathering_consumer_waits_after_a_batch_that_emptied_its_queue_and_only_then() -> None:
+    fetched_at: list[float] = []
+
+    class TimedSubscription(FakeSubscription):
+        async def fetch(self, batch: int, timeout: float) -> list:
+            fetched_at.append(asyncio.get_running_loop().time())
+            return await super().fetch(batch, timeout)
+
+    async def dispatch(batch: list, stopping: asyncio.Event) -> None:
+        pass
+
+    async def scenario() -> None:
+        stopping = asyncio.Event()
+        # more waiting after the first batch; the second empties the queue; the third finds nothing
+        sub = TimedSubscription([[message(1, 5)], [message(2, 0)], []], stopping)
+        spec = ConsumerSpec("CC_EVENTS", "PROJ_bank", ("cc.events.>",), batch=10)
+        await asyncio.wait_for(ConsumerLoop(FakeJetStream(sub), spec, dispatch, gather=0.2).run(stopping), 5)
+
+    asyncio.run(scenario())
+    assert len(fetched_at) == 4
+    assert fetched_at[1] - fetched_at[0] < 0.1  # messages were waiting: fetched at once
+    assert fetched_at[2] - fetched_at[1] >= 0.2  # the queue was empty: a trickle is gathered first
+    assert fetched_at[3] - fetched_at[2] < 0.1  # an empty fetch is no batch: nothing to gather after
