@@ -146,6 +146,7 @@ class Daemon:
     nc: NATS | None = None
     js: JetStreamContext | None = None
     _stores: _Stores | None = None
+    _looking: asyncio.Task[None] | None = None  # the look at the command stream after a reconnect
     _status: StatusReporter | None = None
 
     @property
@@ -154,6 +155,8 @@ class Daemon:
 
     async def _connect(self) -> tuple[NATS, JetStreamContext]:
         async def on_disconnect() -> None:
+            if self._stores is not None:
+                self._stores.results.disconnected()
             if not self.stopping.is_set():
                 metrics.NATS_DISCONNECTS.inc()
                 log.warning("disconnected from NATS; reconnecting")
@@ -161,6 +164,8 @@ class Daemon:
         async def on_reconnect() -> None:
             metrics.NATS_RECONNECTS.inc()
             log.info("reconnected to NATS")
+            if self._stores is not None:
+                self._looking = asyncio.create_task(self._note_stored_commands(self._stores.results))
 
         async def on_error(exc: Exception) -> None:
             refused = permissions.refusal(str(exc), self._permissions())
@@ -173,6 +178,16 @@ class Daemon:
 
         return await connect(self.nats_options, disconnected_cb=on_disconnect, stop=self.stopping,
                              reconnected_cb=on_reconnect, error_cb=on_error)
+
+    async def _note_stored_commands(self, results: ResultStore) -> None:
+        """After a reconnect: until this succeeds, every command's outcome is looked for first."""
+        for _attempt in range(10):
+            try:
+                await results.connected()
+                return
+            except Exception as exc:  # noqa: BLE001 - NATS away again: the next reconnect looks again
+                log.warning("could not read the command stream's last sequence", error=str(exc))
+                await asyncio.sleep(1.0)
 
     def _permissions(self) -> permissions.Permissions:
         """What this daemon needs of NATS for its links: names a refused subject exactly."""
@@ -226,6 +241,7 @@ class Daemon:
         router = UnroutedCommands(nc, js, self._stores.results, self._aggregate_names)
         try:
             await ensure_all(js, results_ttl=self.results_ttl)
+            await self._stores.results.connected()
             if self.signer is not None:
                 await require_duplicate_window(js)
             self.health.watch = StreamWatch(js, self._read_model_buckets, self.results_ttl)

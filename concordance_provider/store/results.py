@@ -18,7 +18,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from ..metrics import COMMANDS, EVENTS_APPENDED
-from ..naming import RESULTS_BUCKET, any_result_key, result_key, result_seq
+from ..naming import COMMANDS_STREAM, RESULTS_BUCKET, any_result_key, result_key, result_seq
 from ..wire import CommandResult
 from .jetstream import JetStreamError, StoredMessage, read_all
 
@@ -37,6 +37,27 @@ class ResultStore:
         self._kv = None
         self._aggregates = aggregates
         self._nc = nc
+        # The last command stored before this connection was made (None: not known yet). A server
+        # that restarts can lose its record of deliveries and acks, and deliver a decided command
+        # again as a first delivery; only a command stored before the connection can be one.
+        self._stored_through: int | None = None
+        self._connection = 0  # how many times the connection was lost: a late look counts for nothing
+
+    def disconnected(self) -> None:
+        """Until ``connected`` has looked again, any command may have been decided before."""
+        self._connection += 1
+        self._stored_through = None
+
+    async def connected(self) -> None:
+        """Note the commands stored so far: commands stored later were never delivered before."""
+        connection = self._connection
+        last_seq = (await self._js.stream_info(COMMANDS_STREAM)).state.last_seq
+        if connection == self._connection:
+            self._stored_through = last_seq
+
+    def may_be_recorded(self, command_seq: int) -> bool:
+        """Whether a first delivery of ``command_seq`` may still have been decided before."""
+        return self._stored_through is None or command_seq <= self._stored_through
 
     async def recorded(self, command_seq: int, aggregate: str, key: str | None) -> bool:
         """Whether command ``command_seq`` has its outcome already: decided by an earlier delivery."""

@@ -107,7 +107,8 @@ class AggregateWorker:
         except BadMessage as exc:
             raise Poison(str(exc)) from None  # answered by _answer_dead_command
         logger = logger.bind(key=command.key, command_type=command.command_type, trace_id=trace_id(traceparent))
-        if meta.num_delivered > 1 and await self._results.recorded(seq, self.interest.name, command.key):
+        may_be_decided = meta.num_delivered > 1 or self._results.may_be_recorded(seq)
+        if may_be_decided and await self._results.recorded(seq, self.interest.name, command.key):
             # decided by an earlier delivery whose ack was lost: a rejection leaves no event to find,
             # so deciding it again could accept it now, after later commands of its key
             logger.info("command delivered again after its outcome was recorded; the outcome stands")

@@ -10,7 +10,9 @@ import pytest
 from integration.harness import nats_server
 from nats.aio.client import Client as NATS
 
+from concordance_provider.naming import COMMANDS_STREAM, command_subject
 from concordance_provider.store.events import EventLog
+from concordance_provider.store.results import ResultStore
 from concordance_provider.store.jetstream import publish
 from concordance_provider.signing import Signer
 from concordance_provider.store.state import EVENT_SEQUENCE, StateStore
@@ -75,3 +77,16 @@ class TestProcessorOnJetStream(OnJetStream, ProcessorContract):
 
 class TestSigningOnJetStream(OnJetStream, SigningContract):
     pass
+
+
+async def test_outcomes_may_be_recorded_only_for_commands_stored_before_the_connection(nc: NATS) -> None:
+    js = nc.jetstream()
+    results = ResultStore(js, nc=nc)
+    assert results.may_be_recorded(1)  # not looked yet: any command may have been decided
+    stored = (await js.publish(command_subject("outcomes"), b"{}")).seq
+    await results.connected()
+    assert (await js.stream_info(COMMANDS_STREAM)).state.last_seq == stored
+    assert results.may_be_recorded(stored)
+    assert not results.may_be_recorded(stored + 1)  # stored after the look: never delivered before
+    results.disconnected()
+    assert results.may_be_recorded(stored + 1)

@@ -448,31 +448,43 @@ def test_a_second_copy_goes_back_when_the_first_did_not_settle() -> None:
 # -- a command delivered again after its outcome was recorded ---------------------------------------
 
 class RecordedOutcomes:
-    """The outcome store's interface, in memory."""
+    """The outcome store's interface, in memory; commands up to ``stored_through`` were stored
+    before the connection (None: not known), so a first delivery of one may have been decided."""
 
-    def __init__(self) -> None:
+    def __init__(self, stored_through: int | None = 0) -> None:
         self.outcomes: dict[int, object] = {}
+        self.stored_through = stored_through
+        self.looked_up: list[int] = []
 
     async def record(self, seq: int, result: object) -> None:
         self.outcomes[seq] = result
 
+    def may_be_recorded(self, seq: int) -> bool:
+        return self.stored_through is None or seq <= self.stored_through
+
     async def recorded(self, seq: int, aggregate: str, key: str | None) -> bool:
+        self.looked_up.append(seq)
         return seq in self.outcomes
+
+
+def bank_worker(outcomes: RecordedOutcomes) -> AggregateWorker:
+    interest = parse_interest({"ROLE": "aggregate", "INTEREST": STREAM, "NAME": "bank", "KEY": "account"})
+    return AggregateWorker(interest, FakeBank(), InMemoryEventLog(), InMemoryStateStore(), outcomes,  # type: ignore[arg-type]
+                           dead_letters=None)  # type: ignore[arg-type]
+
+
+def delivery(seq: int, body: dict, num_delivered: int) -> SimpleNamespace:
+    return SimpleNamespace(subject="cc.commands.bank", data=json.dumps(body).encode(), headers={},
+                           metadata=SimpleNamespace(sequence=SimpleNamespace(stream=seq, consumer=seq),
+                                                    num_delivered=num_delivered,
+                                                    timestamp=datetime.now(timezone.utc)))
 
 
 def test_a_command_delivered_again_after_its_outcome_was_recorded_is_not_decided_again() -> None:
     # a rejection leaves no event: without the outcome, the second delivery would decide it anew,
     # on the state later commands of its key made, and might accept it
     outcomes = RecordedOutcomes()
-    interest = parse_interest({"ROLE": "aggregate", "INTEREST": STREAM, "NAME": "bank", "KEY": "account"})
-    worker = AggregateWorker(interest, FakeBank(), InMemoryEventLog(), InMemoryStateStore(), outcomes,  # type: ignore[arg-type]
-                             dead_letters=None)  # type: ignore[arg-type]
-
-    def delivery(seq: int, body: dict, num_delivered: int) -> SimpleNamespace:
-        return SimpleNamespace(subject="cc.commands.bank", data=json.dumps(body).encode(), headers={},
-                               metadata=SimpleNamespace(sequence=SimpleNamespace(stream=seq, consumer=seq),
-                                                        num_delivered=num_delivered,
-                                                        timestamp=datetime.now(timezone.utc)))
+    worker = bank_worker(outcomes)
 
     async def scenario() -> None:
         await worker.on_command(delivery(1, {"command_type": "open", "key": "A", "data": {}}, 1))  # type: ignore[arg-type]
@@ -484,5 +496,29 @@ def test_a_command_delivered_again_after_its_outcome_was_recorded_is_not_decided
         await worker.on_command(delivery(2, withdraw, 2))  # type: ignore[arg-type]
         assert outcomes.outcomes[2].status == "rejected"  # type: ignore[attr-defined]
         assert json.loads((await worker.repository.current("A")).value or "{}")["balance"] == 100
+
+    asyncio.run(scenario())
+
+
+def test_a_first_delivery_of_a_command_stored_before_the_connection_keeps_its_recorded_outcome() -> None:
+    # a server that restarted and lost its record of deliveries hands a decided command over again
+    # as a first delivery; a command stored after the connection was made was never delivered before
+    outcomes = RecordedOutcomes(stored_through=None)  # not looked yet: any command may be decided
+    worker = bank_worker(outcomes)
+    withdraw = {"command_type": "withdraw", "key": "A", "data": {"amount": 50}}
+
+    async def scenario() -> None:
+        await worker.on_command(delivery(1, {"command_type": "open", "key": "A", "data": {}}, 1))  # type: ignore[arg-type]
+        await worker.on_command(delivery(2, withdraw, 1))  # type: ignore[arg-type]
+        assert outcomes.outcomes[2].status == "rejected"  # type: ignore[attr-defined]
+        outcomes.stored_through = 3  # the server restarts: commands 1 to 3 were stored before
+        await worker.on_command(delivery(3, {"command_type": "deposit", "key": "A", "data": {"amount": 100}}, 1))  # type: ignore[arg-type]
+        await worker.on_command(delivery(2, withdraw, 1))  # type: ignore[arg-type]
+        assert outcomes.outcomes[2].status == "rejected"  # type: ignore[attr-defined]
+        assert json.loads((await worker.repository.current("A")).value or "{}")["balance"] == 100
+        looked = len(outcomes.looked_up)
+        await worker.on_command(delivery(4, withdraw, 1))  # type: ignore[arg-type]
+        assert outcomes.outcomes[4].status == "accepted"  # type: ignore[attr-defined]
+        assert len(outcomes.looked_up) == looked  # stored since: decided without looking
 
     asyncio.run(scenario())
