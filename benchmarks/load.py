@@ -99,6 +99,14 @@ async def open_loop(js: JetStreamContext, outcomes: Outcomes, keys: list[str], r
     return LoadRun(count, elapsed, latencies)
 
 
+def done_within(run: LoadRun, rate: float, seconds: float) -> float:
+    """Outcomes per second that came while an open loop at ``rate`` was still sending (its first
+    ``seconds``): what the daemon did with the load generator running beside it, not counting the
+    queue it drained afterwards alone."""
+    done = sum(1 for index, latency in enumerate(run.latencies) if index / rate + latency <= seconds)
+    return done / seconds
+
+
 @dataclass
 class LagSample:
     at: float  # perf_counter
