@@ -269,6 +269,7 @@ async def daemon_latency(js: JetStreamContext, outcomes: Outcomes, lag: load.Pro
     at a fraction of it, and at that fraction of ``drain_rate``."""
     progress(f"daemon: {opts.round_trips} commands one at a time")
     await open_accounts(js, outcomes, opts, [f"low-{tag}"])
+    load.settle_heap()
     side.low_load = await load.one_at_a_time(js, outcomes, f"low-{tag}", opts.round_trips, opts.phase_timeout,
                                              "low load")
 
@@ -277,6 +278,7 @@ async def daemon_latency(js: JetStreamContext, outcomes: Outcomes, lag: load.Pro
         await open_accounts(js, outcomes, opts, keys)
         await lag.catch_up(time.perf_counter(), CATCH_UP_BOUND)  # the projector's backlog off the CPU first
         progress(f"daemon: open loop at {rate:.0f}/s for {seconds:.0f}s ({name})")
+        load.settle_heap()
         return await load.open_loop(js, outcomes, keys, rate, seconds, opts.phase_timeout, name)
 
     overload = await open_loop(OVERLOAD * drain_rate, opts.capacity_seconds, "capacity")
@@ -298,6 +300,7 @@ async def daemon_history(js: JetStreamContext, outcomes: Outcomes, lag: load.Pro
                        opts, "history deposits")
     seed_s = time.perf_counter() - started
     await lag.catch_up(time.perf_counter(), CATCH_UP_BOUND)  # the projector's backlog off the CPU first
+    load.settle_heap()
     for n in range(opts.history_rounds):
         side.fresh += await load.one_at_a_time(js, outcomes, fresh_key, 1, opts.phase_timeout, f"fresh {n}")
         side.history += await load.one_at_a_time(js, outcomes, history_key, 1, opts.phase_timeout, f"history {n}")
@@ -354,7 +357,9 @@ def peer_phases(db_path: Path, opts: Options, tag: str) -> Side:
         side.notes.append(f"races lost and retried: {multi.conflicts} over {opts.keys} keys, "
                           f"{single.conflicts} on 1 key")
 
-        side.low_load = peer.round_trips(bank, fresh_accounts([f"low-{tag}"])[0], opts.round_trips)
+        low_key = fresh_accounts([f"low-{tag}"])[0]
+        load.settle_heap()
+        side.low_load = peer.round_trips(bank, low_key, opts.round_trips)
         for level in opts.in_flight:
             keys = fresh_accounts([f"flight{level}-{tag}-{i}" for i in range(opts.keys)])
             side.in_flight[level] = peer.run_deposits(bank, deposit_plan(keys, opts.in_flight_commands), level,
@@ -362,6 +367,7 @@ def peer_phases(db_path: Path, opts: Options, tag: str) -> Side:
 
         history_key, fresh_key = fresh_accounts([f"history-{tag}", f"fresh-{tag}"])
         peer.seed_history(bank, history_key, opts.history_events)
+        load.settle_heap()
         for _ in range(opts.history_rounds):
             side.fresh += peer.round_trips(bank, fresh_key, 1)
             side.history += peer.round_trips(bank, history_key, 1)

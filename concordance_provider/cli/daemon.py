@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 import sys
 from pathlib import Path
@@ -204,6 +205,7 @@ async def _serve(daemon: Daemon, server: EmbeddedNatsServer | None, second: Stat
         background.append(asyncio.create_task(stop_when_stdin_closes(daemon.stopping)))
     if second is not None:
         background.append(asyncio.create_task(_run_second(daemon, second)))
+    background.append(asyncio.create_task(_freeze_startup_objects(daemon)))
     try:
         await daemon.run()
     finally:
@@ -212,6 +214,15 @@ async def _serve(daemon: Daemon, server: EmbeddedNatsServer | None, second: Stat
         await asyncio.gather(*background, return_exceptions=True)
         if second is not None:
             await second.stop()
+
+
+async def _freeze_startup_objects(daemon: Daemon) -> None:
+    """Once ready, everything loaded so far (modules, components, schemas) is left out of the cyclic
+    garbage collector's full passes: each of those stalled the event loop, and every command in
+    flight, for 25-30 ms, a few times a minute under load."""
+    await daemon.ready.wait()
+    gc.collect()
+    gc.freeze()
 
 
 async def _run_second(daemon: Daemon, second: StatelessProcess) -> None:
