@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from concordance_provider.nats_server import free_port
+from concordance_provider.stateless_process import NICER_BY
 
 from .harness import DaemonProcess, client, eventually, kv_json, logged, result, send
 
@@ -73,10 +74,16 @@ async def test_each_process_runs_its_roles_and_the_projection_follows_the_comman
         daemons = {entry["pid"]: [c["name"] for c in entry["components"]] for entry in json.loads(status.stdout)}
         assert daemons == {first.process.pid: ["bankaccount-aggregate"],
                            second: ["bankaccount-projector", "wiretransfer-process-manager", "otherbank-gateway"]}
+        # commands come first: the second process yields the CPU to the first on a busy machine
+        assert _niceness(second) == _niceness(first.process.pid) + NICER_BY
         assert first.stop() == 0
         _wait_ended(second)
     finally:
         first.stop()
+
+
+def _niceness(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
 
 
 async def test_the_second_process_stops_by_itself_when_the_first_is_killed(example_components, tmp_path):
