@@ -62,7 +62,9 @@ CASES = [
     Case("deadletter.before_store=crash@1", True),
     Case("deadletter.before_store=error@1", False),
     Case("deadletter.after_store=crash@1", True),
-    Case("read_model.before_commit=crash@6", True),
+    # the load's events reach the projectors in a handful of batches (each waits 20 ms for more):
+    # the second commit comes in every run, with the first one's writes already stored
+    Case("read_model.before_commit=crash@2", True),
 ]
 
 
