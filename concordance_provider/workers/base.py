@@ -17,10 +17,11 @@ from typing import Any, Awaitable, Callable, Collection, Hashable, Mapping, Sequ
 
 import structlog
 from nats.aio.msg import Msg
+from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.errors import NotFoundError
+from nats.js.errors import NotFoundError, ServiceUnavailableError
 
 from ..engine.mapper import LoggedEvent, from_message
 from ..engine.mapper import to_component as to_component_event  # noqa: F401  (the handlers' import)
@@ -45,6 +46,9 @@ OVERLAP_FETCH_SECONDS = 0.05  # how long a fetch beside a running batch waits fo
 # long after a batch that emptied its queue, so that a trickle of events is taken a batch at a time:
 # the costs of a fetch, a read-model commit and the socket writes are then shared by many events.
 GATHER_SECONDS = 0.02
+SETUP_RETRY_SECONDS = 1.0  # a consumer that could not be set up (NATS away) is tried again this soon
+# What a request meets while NATS is away or JetStream is not answering yet.
+_NATS_AWAY = (NatsTimeout, asyncio.TimeoutError, NoRespondersError, ServiceUnavailableError)
 
 
 class Retry(Exception):
@@ -246,9 +250,23 @@ class ConsumerLoop:
         wanted.opt_start_time = existing.opt_start_time
         await self._js.add_consumer(self.spec.stream, wanted)
 
+    async def _subscribe(self, stopping: asyncio.Event) -> Any:
+        """The consumer set up and a pull subscription on it; None if stopping came first. A server
+        that goes away meanwhile (the daemon may be ready before every consumer is) is waited for."""
+        while not stopping.is_set():
+            try:
+                await self.ensure()
+                return await self._js.pull_subscribe_bind(durable=self.spec.durable, stream=self.spec.stream)
+            except _NATS_AWAY as exc:
+                self._log.warning("could not set up the consumer; trying again",
+                                  error=str(exc) or type(exc).__name__)
+                await _wait_or_stop(stopping, SETUP_RETRY_SECONDS)
+        return None
+
     async def run(self, stopping: asyncio.Event) -> None:
-        await self.ensure()
-        sub = await self._js.pull_subscribe_bind(durable=self.spec.durable, stream=self.spec.stream)
+        sub = await self._subscribe(stopping)
+        if sub is None:
+            return
         self._log.info("consuming", filters=list(self.spec.filter_subjects))
         running: set[asyncio.Task[None]] = set()
         try:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 from types import SimpleNamespace
 
+from nats.errors import TimeoutError as NatsTimeout
+
+import concordance_provider.workers.base as base
 from concordance_provider.workers.base import ConsumerLoop, ConsumerSpec
 
 
@@ -108,3 +111,33 @@ def test_a_gathering_consumer_waits_after_a_batch_that_emptied_its_queue_and_onl
     assert fetched_at[1] - fetched_at[0] < 0.1  # messages were waiting: fetched at once
     assert fetched_at[2] - fetched_at[1] >= 0.2  # the queue was empty: a trickle is gathered first
     assert fetched_at[3] - fetched_at[2] < 0.1  # an empty fetch is no batch: nothing to gather after
+
+
+def test_a_consumer_whose_setup_meets_nats_away_is_set_up_once_it_answers(monkeypatch) -> None:
+    # a daemon is ready before every consumer is set up: a server that goes away then must not
+    # end the consumer (which takes the daemon down), only delay it
+    monkeypatch.setattr(base, "SETUP_RETRY_SECONDS", 0.01)
+    dispatched: list[list[int]] = []
+
+    class AwayAtFirst(FakeJetStream):
+        lookups = 0
+
+        async def consumer_info(self, stream: str, durable: str) -> SimpleNamespace:
+            self.lookups += 1
+            if self.lookups <= 2:
+                raise NatsTimeout()
+            return await super().consumer_info(stream, durable)
+
+    async def dispatch(batch: list, stopping: asyncio.Event) -> None:
+        dispatched.append([m.metadata.sequence.stream for m in batch])
+
+    async def scenario() -> AwayAtFirst:
+        stopping = asyncio.Event()
+        js = AwayAtFirst(FakeSubscription([[message(1, 0)]], stopping))
+        spec = ConsumerSpec("CC_EVENTS", "NOTIFIER_bank", ("cc.events.>",), batch=10)
+        await asyncio.wait_for(ConsumerLoop(js, spec, dispatch).run(stopping), 5)
+        return js
+
+    js = asyncio.run(scenario())
+    assert js.lookups == 3
+    assert dispatched == [[1]]
