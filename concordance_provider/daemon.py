@@ -37,7 +37,7 @@ from .store.state import StateStore
 from .store.streams import DAY, ensure_all, ensure_bucket
 from .stream_watch import StreamWatch
 from .workers.aggregate import COMMAND_BATCHES_AT_ONCE, AggregateWorker
-from .workers.base import GATHER_SECONDS, ConsumerLoop
+from .workers.base import GATHER_SECONDS, ConsumerLoop, wait_or_stop
 from .workers.process_manager import ProcessManagerWorker
 from .workers.router import UnroutedCommands
 from .workers.stateless import StatelessWorker, read_model_bucket
@@ -181,13 +181,13 @@ class Daemon:
 
     async def _note_stored_commands(self, results: ResultStore) -> None:
         """After a reconnect: until this succeeds, every command's outcome is looked for first."""
-        for _attempt in range(10):
+        while not self.stopping.is_set():
             try:
                 await results.connected()
                 return
-            except Exception as exc:  # noqa: BLE001 - NATS away again: the next reconnect looks again
+            except Exception as exc:  # noqa: BLE001 - NATS away again: look again in a second
                 log.warning("could not read the command stream's last sequence", error=str(exc))
-                await asyncio.sleep(1.0)
+                await wait_or_stop(self.stopping, 1.0)
 
     def _permissions(self) -> permissions.Permissions:
         """What this daemon needs of NATS for its links: names a refused subject exactly."""

@@ -260,7 +260,7 @@ class ConsumerLoop:
             except _NATS_AWAY as exc:
                 self._log.warning("could not set up the consumer; trying again",
                                   error=str(exc) or type(exc).__name__)
-                await _wait_or_stop(stopping, SETUP_RETRY_SECONDS)
+                await wait_or_stop(stopping, SETUP_RETRY_SECONDS)
         return None
 
     async def run(self, stopping: asyncio.Event) -> None:
@@ -297,7 +297,7 @@ class ConsumerLoop:
                 else:
                     running.add(turn)
                 if self._gather and not running and not batch[-1].metadata.num_pending:
-                    await _wait_or_stop(stopping, self._gather)
+                    await wait_or_stop(stopping, self._gather)
         finally:
             if running:
                 await asyncio.gather(*running, return_exceptions=True)
@@ -315,7 +315,8 @@ class ConsumerLoop:
             keeper.cancel()
 
 
-async def _wait_or_stop(stopping: asyncio.Event, seconds: float) -> None:
+async def wait_or_stop(stopping: asyncio.Event, seconds: float) -> None:
+    """``seconds``, or less if ``stopping`` is set meanwhile."""
     try:
         await asyncio.wait_for(stopping.wait(), seconds)
     except asyncio.TimeoutError:
