@@ -42,6 +42,9 @@ OUTAGE_BACKOFF_SECONDS = 5.0  # a component host that comes back is used within 
 ORDER_WAIT_SECONDS = 0.5  # a message waiting for an earlier one of its key looks again this soon
 ORDER_HOLD_SECONDS = 0.25  # how long a message waits in place for an earlier one held elsewhere
 OVERLAP_FETCH_SECONDS = 0.05  # how long a fetch beside a running batch waits for messages
+# How long a fetch with nothing being dispatched waits for messages. A stop waits for it to end, so
+# it is short: an idle consumer then asks four times a second, a few microseconds of work each time.
+IDLE_FETCH_SECONDS = 0.25
 # A consumer off the command path (projectors, notifiers, an aggregate's event consumer) waits this
 # long after a batch that emptied its queue, so that a trickle of events is taken a batch at a time:
 # the costs of a fetch, a read-model commit and the socket writes are then shared by many events.
@@ -278,7 +281,7 @@ class ConsumerLoop:
                 self.last_turn = time.monotonic()
                 # Beside a running batch, a pull request lingers only briefly: one open at a shutdown
                 # would take in commands up to the process's end, to wait out the ack wait there.
-                wait = OVERLAP_FETCH_SECONDS if running else 1.0
+                wait = OVERLAP_FETCH_SECONDS if running else IDLE_FETCH_SECONDS
                 try:
                     batch = await sub.fetch(room, timeout=wait)
                 except (NatsTimeout, asyncio.TimeoutError):

@@ -54,6 +54,24 @@ async def test_embedded_server_keeps_events_across_a_restart(example_components,
         assert second.stop() == 0
 
 
+async def test_sigterm_stops_every_component_at_once_within_a_second_or_two(example_components, tmp_path):
+    # Ctrl-C on `make run`: the example's four components stop together, each between messages, and
+    # its nats-server after them; one after another, each waiting out an idle fetch, took 3.6 s
+    port = free_port()
+    daemon = DaemonProcess(MANIFEST, tmp_path / "daemon.log", "--state-dir", str(tmp_path / "state"),
+                           "--port", str(port))
+    try:
+        daemon.wait_ready()
+        await asyncio.sleep(1.5)  # every consumer idle in a fetch
+        started = time.monotonic()
+    finally:
+        assert daemon.stop() == 0
+    took = time.monotonic() - started
+    unlinked = [e for e in daemon.logs() if e.get("event") == "component unlinked"]
+    assert len(unlinked) == 4
+    assert took < 2.0, f"the stop took {took:.1f}s"
+
+
 async def test_kill_9_mid_load_loses_and_doubles_nothing(example_components, tmp_path):
     """Commands in flight when the daemon dies are finished, once, by the next daemon."""
     port = free_port()
