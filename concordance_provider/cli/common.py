@@ -141,9 +141,15 @@ def client_options(url: str) -> NatsOptions:
 _refused: list[str] = []  # what the server refused this command: a request then only times out
 
 
-async def _note_refusal(exc: Exception) -> None:
-    if "permissions violation" in str(exc).lower():
-        _refused.append(str(exc).removeprefix("nats: "))
+def _refusal_noter(work: asyncio.Task[Any] | None) -> Callable[[Exception], Coroutine[Any, Any, None]]:
+    """An error callback that notes a permission the server refused and ends ``work`` at once: the
+    command fails saying so (``run``) instead of waiting for a reply that will not come."""
+    async def note(exc: Exception) -> None:
+        if "permissions violation" in str(exc).lower():
+            _refused.append(str(exc).removeprefix("nats: "))
+            if work is not None and not work.done():
+                work.cancel()
+    return note
 
 
 @asynccontextmanager
@@ -151,8 +157,9 @@ async def nats_client(url: str) -> AsyncIterator[nats.aio.client.Client]:
     """A client connection for the commands, closed after use; see ``client_options``."""
     options = client_options(url)
     await reachable(options)
+    note_refusal = _refusal_noter(asyncio.current_task())
     try:
-        nc, _ = await asyncio.wait_for(connect(options, error_cb=_note_refusal), CLIENT_CONNECT_SECONDS)
+        nc, _ = await asyncio.wait_for(connect(options, error_cb=note_refusal), CLIENT_CONNECT_SECONDS)
     except (OSError, asyncio.TimeoutError) as exc:
         reason = redact(str(exc)) or f"no answer within {CLIENT_CONNECT_SECONDS:.0f}s"
         fail(f"cannot reach NATS at {options.safe_url}: {reason}")
@@ -168,6 +175,9 @@ def run(work: Coroutine[Any, Any, T]) -> T:
     refused publish is only dropped), since what it found is then incomplete."""
     try:
         done = asyncio.run(work)
+    except asyncio.CancelledError:  # ended by a refusal (``nats_client``)
+        _fail_if_refused()
+        raise
     except (nats.errors.Error, JetStreamError, asyncio.TimeoutError, TimeoutError) as exc:
         _fail_if_refused()
         if isinstance(exc, (nats.errors.Error, JetStreamError)) and not isinstance(exc, nats.errors.TimeoutError):
