@@ -18,7 +18,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Awaitable
 
 import structlog
 from nats.aio.client import Client as NATS
@@ -215,12 +215,32 @@ async def watch(nc: NATS, host_id: str, placements: list[Placement], lattice: st
                 if heard == host_id or await host_alive(nc, host_id):
                     continue
                 log.warning("host gone; starting the workloads on another", gone=host_id, host=heard)
-                await place(nc, heard, placements, lattice, provider_id)
+                if not await _unless_stopped(place(nc, heard, placements, lattice, provider_id), stopping):
+                    log.info("stopped while starting the workloads", host=heard)
+                    return
                 host_id = heard
             except Exception as exc:  # noqa: BLE001 - keep watching whatever went wrong this time
                 log.error("could not place the workloads; will try at the next heartbeat", error=str(exc))
     finally:
         await sub.unsubscribe()
+
+
+async def _unless_stopped(work: Awaitable[None], stopping: asyncio.Event) -> bool:
+    """Run ``work`` until it ends (True; its error raised) or ``stopping`` is set first: then it is
+    cancelled (False). Starting a workload can take minutes; Ctrl-C must not wait for it."""
+    task = asyncio.ensure_future(work)
+    stopped = asyncio.ensure_future(stopping.wait())
+    try:
+        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+        if not task.done():
+            task.cancel()
+    if task.done():
+        task.result()
+        return True
+    await asyncio.gather(task, return_exceptions=True)
+    return False
 
 
 async def _still_deployed(nc: NATS, placements: list[Placement]) -> list[Placement]:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import textwrap
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+from concordance_provider import deploy
 from concordance_provider.deploy import DeployError, placements
 from concordance_provider.manifest import load_manifest
 
@@ -69,3 +73,48 @@ def test_a_source_needs_a_registry(tmp_path):
 def test_a_name_that_cannot_key_the_record_is_refused_before_anything_runs(tmp_path):
     with pytest.raises(DeployError, match="application 'my shop'.*cannot name a deployed workload"):
         placements(_manifest(tmp_path, "ghcr.io/shop/orders:1", name="'my shop'"), tmp_path, None, False, "prod")
+
+
+def test_a_watch_told_to_stop_while_it_starts_workloads_stops_at_once(monkeypatch):
+    # starting a workload can take minutes (up to 120 s each): Ctrl-C must not wait for it
+    placing = asyncio.Event()
+    heartbeats = [SimpleNamespace(subject="runtime.operator.heartbeat.NEWHOST")]
+
+    class Subscription:
+        async def next_msg(self, timeout: float) -> SimpleNamespace:
+            if heartbeats:
+                return heartbeats.pop()
+            await asyncio.sleep(timeout)
+            raise asyncio.TimeoutError
+
+        async def unsubscribe(self) -> None:
+            pass
+
+    class Connection:
+        async def subscribe(self, subject: str) -> Subscription:
+            return Subscription()
+
+    async def still_deployed(nc, placements):
+        return placements
+
+    async def host_alive(nc, host_id):
+        return False
+
+    async def place(nc, host_id, placements, lattice, provider_id):
+        placing.set()
+        await asyncio.sleep(120)
+
+    monkeypatch.setattr(deploy, "_still_deployed", still_deployed)
+    monkeypatch.setattr(deploy, "host_alive", host_alive)
+    monkeypatch.setattr(deploy, "place", place)
+
+    async def scenario() -> float:
+        stopping = asyncio.Event()
+        watching = asyncio.create_task(deploy.watch(Connection(), "GONEHOST", [object()], "default", "p", stopping))
+        await asyncio.wait_for(placing.wait(), 5)
+        started = time.monotonic()
+        stopping.set()
+        await asyncio.wait_for(watching, 5)
+        return time.monotonic() - started
+
+    assert asyncio.run(scenario()) < 1.0
