@@ -99,14 +99,7 @@ async def ensure_bucket(js: JetStreamContext, bucket: str, *, ttl: float | None 
     try:
         info = await js.stream_info(f"KV_{bucket}")
     except NotFoundError:
-        try:
-            await js.create_key_value(KeyValueConfig(
-                bucket=bucket, history=1, ttl=ttl, storage=StorageType.FILE, direct=True,
-            ))
-        except BadRequestError as exc:
-            raise IncompatibleStream(f"cannot create KV bucket {bucket}: {exc.description}") from None
-        info = await js.stream_info(f"KV_{bucket}")
-        log.info("bucket created", bucket=bucket)
+        info = await _create_bucket(js, bucket, ttl)
     if (info.config.max_msgs_per_subject or 0) > 1:
         log.info("bucket keeps history; only the latest value is used", bucket=bucket)
     wanted = {"allow_direct": True, **({"allow_atomic": True} if atomic else {})}
@@ -116,6 +109,22 @@ async def ensure_bucket(js: JetStreamContext, bucket: str, *, ttl: float | None 
         missing["max_age"] = ttl
     if missing:
         await js.update_stream(replace(info.config, **missing))
+
+
+async def _create_bucket(js: JetStreamContext, bucket: str, ttl: float | None) -> StreamInfo:
+    try:
+        await js.create_key_value(KeyValueConfig(
+            bucket=bucket, history=1, ttl=ttl, storage=StorageType.FILE, direct=True,
+        ))
+    except BadRequestError as exc:
+        # A daemon starting at the same moment made it first, and may have enabled more on it
+        # already ("already in use with a different configuration"): then it is there to use.
+        try:
+            return await js.stream_info(f"KV_{bucket}")
+        except NotFoundError:
+            raise IncompatibleStream(f"cannot create KV bucket {bucket}: {exc.description}") from None
+    log.info("bucket created", bucket=bucket)
+    return await js.stream_info(f"KV_{bucket}")
 
 
 async def ensure_all(js: JetStreamContext, results_ttl: float = DAY) -> None:

@@ -3,6 +3,7 @@ nats-server with the streams the daemon creates."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 import nats
@@ -16,7 +17,7 @@ from concordance_provider.store.results import ResultStore
 from concordance_provider.store.jetstream import publish
 from concordance_provider.signing import Signer
 from concordance_provider.store.state import EVENT_SEQUENCE, StateStore
-from concordance_provider.store.streams import ensure_all
+from concordance_provider.store.streams import ensure_all, ensure_bucket
 
 from .rules import EventLogContract, ProcessorContract, SigningContract, StateStoreContract
 
@@ -90,3 +91,18 @@ async def test_outcomes_may_be_recorded_only_for_commands_stored_before_the_conn
     assert not results.may_be_recorded(stored + 1)  # stored after the look: never delivered before
     results.disconnected()
     assert results.may_be_recorded(stored + 1)
+
+
+async def test_daemons_starting_at_once_each_find_the_bucket_one_of_them_made(server):
+    # each makes the read-model bucket, then enables atomic writes on it: a daemon whose create
+    # came second met "already in use with a different configuration" and exited
+    clients = [await nats.connect(server.url) for _ in range(4)]
+    try:
+        for round_ in range(10):
+            bucket = f"CC_RM_race_{round_}"
+            await asyncio.gather(*(ensure_bucket(c.jetstream(), bucket, atomic=True) for c in clients))
+            info = await clients[0].jetstream().stream_info(f"KV_{bucket}")
+            assert info.config.allow_atomic and info.config.allow_direct
+    finally:
+        for c in clients:
+            await c.close()
