@@ -266,9 +266,9 @@ class Daemon:
             async with self._lock:  # a link being made now is made before this, then stopped
                 stopped = await asyncio.gather(*(self._stop(name) for name in list(self.links)),
                                                return_exceptions=True)
-                for error in (e for e in stopped if isinstance(e, BaseException)):
-                    self._failures.append(f"a component did not stop cleanly: {str(error) or type(error).__name__}")
-                    log.error("a component did not stop cleanly", error=str(error) or type(error).__name__)
+                for error in (str(e) or type(e).__name__ for e in stopped if isinstance(e, BaseException)):
+                    self._failures.append(f"a component did not stop cleanly: {error}")
+                    log.error("a component did not stop cleanly", error=error)
             self.consumers_stopped.set()
             if self.on_stopped is not None:
                 await self.on_stopped()
