@@ -24,6 +24,7 @@ from .jetstream import direct_get, direct_get_batch, more_after
 
 PAGE_MARGIN = 32  # room for commands held elsewhere, so one request usually reads them all
 FIRST_LOOK_SECONDS = 0.005  # how soon a held-back command first looks whether its turn came
+LONGEST_LOOK_SECONDS = 0.05  # and at most how long it goes between looks
 
 
 def command_key(data: bytes) -> str | None:
@@ -139,24 +140,31 @@ class CommandQueue:
         self._clear_through = None
         self._generation += 1
 
-    async def finished(self, seqs: Sequence[int], within: float) -> bool:
-        """Whether the commands ``seqs`` leave the queue within ``within`` seconds.
+    async def finished(self, seqs: Sequence[int], patience: float) -> bool:
+        """Whether the commands ``seqs`` all leave the queue, waited for while they keep leaving:
+        False once ``patience`` seconds pass in which none of them does.
 
-        Another daemon deciding an earlier command of a key usually finishes in milliseconds:
-        waiting for it here, instead of handing the later command back, keeps one key's commands
-        flowing when several daemons share them.
+        Another daemon deciding earlier commands of a key finishes each in milliseconds, but a batch
+        of a backlog may take it seconds. Waiting here while they leave, instead of handing the later
+        command back, keeps one key's commands flowing when several daemons share them: a command
+        handed back is stored again, undecided, and every later command of its key fetched meanwhile
+        must wait for it in turn, until a backlog does little but go round. Commands held by a daemon
+        that died do not leave until their redelivery: then the wait ends after ``patience``.
         """
-        deadline = time.monotonic() + within
-        pending = list(seqs)
+        pending = sorted(seqs)
+        moved = time.monotonic()
         pause = FIRST_LOOK_SECONDS
         while True:
-            pending = [s for s in pending if await direct_get(self._nc, COMMANDS_STREAM, seq=s) is not None]
+            # one key's commands leave in order, mostly: one look at the first still stored is enough
+            while pending and await direct_get(self._nc, COMMANDS_STREAM, seq=pending[0]) is None:
+                pending.pop(0)
+                moved, pause = time.monotonic(), FIRST_LOOK_SECONDS
             if not pending:
                 return True
-            if time.monotonic() + pause > deadline:
+            if time.monotonic() + pause > moved + patience:
                 return False
             await asyncio.sleep(pause)
-            pause = min(pause * 2, 0.05)
+            pause = min(pause * 2, LONGEST_LOOK_SECONDS)
 
 
 def _last_delivery(batch: list[Msg]) -> int:

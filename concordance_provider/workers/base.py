@@ -40,7 +40,9 @@ log = structlog.get_logger(__name__)
 BACKOFF_SECONDS = (1, 2, 5, 10, 30, 60)
 OUTAGE_BACKOFF_SECONDS = 5.0  # a component host that comes back is used within seconds
 ORDER_WAIT_SECONDS = 0.5  # a message waiting for an earlier one of its key looks again this soon
-ORDER_HOLD_SECONDS = 0.25  # how long a message waits in place for an earlier one held elsewhere
+# A message waiting in place for the earlier ones of its key held elsewhere goes back after this
+# long in which none of them was settled (see ``store.commands.CommandQueue.finished``).
+ORDER_HOLD_SECONDS = 1.0
 OVERLAP_FETCH_SECONDS = 0.05  # how long a fetch beside a running batch waits for messages
 # How long a fetch with nothing being dispatched waits for messages. A stop waits for it to end, so
 # it is short: an idle consumer then asks four times a second, a few microseconds of work each time.
@@ -397,9 +399,10 @@ async def dispatch_by_key(
     With ``must_wait``, one key's messages are kept in order across batches and daemons too:
     it names the stream sequences of the batch that must wait for an earlier message of their
     key held elsewhere, and after a message that is not settled the rest of its key wait as
-    well. A waiting message goes back to the server for ``ORDER_WAIT_SECONDS``, undecided,
-    unless ``finished`` sees the earlier messages it waits for (``must_wait`` maps each waiting
-    sequence to them) settled within ``ORDER_HOLD_SECONDS``: then it is decided at once.
+    well. A waiting message waits in place while ``finished`` sees the earlier messages it waits
+    for (``must_wait`` maps each waiting sequence to them) being settled, and is decided once
+    they all are; if ``ORDER_HOLD_SECONDS`` pass in which none is, it goes back to the server for
+    ``ORDER_WAIT_SECONDS``, undecided.
 
     With ``held``, batches may overlap: the batch's messages are held there from the start, and
     each follows the messages of its key held from earlier batches (see ``workers.held``), which
@@ -456,8 +459,9 @@ async def _dispatch_by_key(
             elif stopping.is_set():
                 await hand_back(msg)
                 done(msg, False)
-            elif blocked or (seq in waiting and not await _turn_came(seq, waiting, finished)) or (
-                    before is not None and not await before.earlier_settled(seq, key_of(msg))):
+            # those held here from earlier batches first: most of the others have gone by then
+            elif blocked or (before is not None and not await before.earlier_settled(seq, key_of(msg))) or (
+                    seq in waiting and not await _turn_came(seq, waiting, finished)):
                 log.debug("waiting for an earlier message of its key", subject=msg.subject, stream_seq=seq)
                 await hand_back(msg, ORDER_WAIT_SECONDS)
                 done(msg, False)
@@ -487,7 +491,8 @@ async def _second_copy(msg: Msg, before: HeldSnapshot) -> bool:
 
 async def _turn_came(seq: int, waiting: Collection[int],
                      finished: Callable[[Sequence[int], float], Awaitable[bool]] | None) -> bool:
-    """Whether the earlier messages ``seq`` waits for are settled within ``ORDER_HOLD_SECONDS``."""
+    """Whether the earlier messages ``seq`` waits for are all settled, none taking longer than
+    ``ORDER_HOLD_SECONDS`` after the one before."""
     earlier = waiting.get(seq) if isinstance(waiting, Mapping) else None
     if finished is None or not earlier:
         return False

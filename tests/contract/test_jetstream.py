@@ -4,6 +4,7 @@ nats-server with the streams the daemon creates."""
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 
 import nats
@@ -12,6 +13,7 @@ from integration.harness import nats_server
 from nats.aio.client import Client as NATS
 
 from concordance_provider.naming import COMMANDS_STREAM, command_subject
+from concordance_provider.store.commands import CommandQueue
 from concordance_provider.store.events import EventLog
 from concordance_provider.store.results import ResultStore
 from concordance_provider.store.jetstream import publish
@@ -106,3 +108,26 @@ async def test_daemons_starting_at_once_each_find_the_bucket_one_of_them_made(se
     finally:
         for c in clients:
             await c.close()
+
+
+async def test_a_command_waits_in_place_while_the_earlier_ones_leave_and_no_longer_once_they_stop(nc: NATS) -> None:
+    js = nc.jetstream()
+    queue = CommandQueue("patience")
+    queue._nc = nc  # as must_wait sets it from the batch's connection
+    earlier = [(await js.publish(command_subject("patience", "K"), b"{}")).seq for _ in range(3)]
+
+    async def decided_one_by_one(pause: float) -> None:
+        for seq in earlier:
+            await asyncio.sleep(pause)
+            await js.delete_msg(COMMANDS_STREAM, seq)
+
+    deciding = asyncio.create_task(decided_one_by_one(0.3))
+    started = time.monotonic()
+    assert await queue.finished(earlier, 0.5)  # each leaves within 0.5 s of the last: 0.9 s in all
+    assert time.monotonic() - started >= 0.85
+    await deciding
+
+    stuck = [(await js.publish(command_subject("patience", "K"), b"{}")).seq for _ in range(2)]
+    started = time.monotonic()
+    assert not await queue.finished(stuck, 0.5)  # nothing leaves: its holder died, say
+    assert 0.4 <= time.monotonic() - started < 2.0

@@ -133,3 +133,53 @@ async def test_commands_held_by_a_crashed_daemon_come_before_later_commands_of_t
                 await asyncio.gather(recovery, return_exceptions=True)
                 for process in successors:
                     process.stop()
+
+
+BACKLOG_ACCOUNTS = [f"BKL{i:02d}" for i in range(20)]
+BACKLOG_DEPOSITS = 100  # per account: 2,000 in all, fetched 200 at a time
+BACKLOG_SECONDS = 60.0  # two daemons decide them in about 5 s on a 2-core machine
+HANDED_BACK_AT_MOST = 1.1  # deliveries per command
+
+
+async def test_a_backlog_shared_by_two_daemons_is_decided_in_order_and_without_going_round(
+        example_components, tmp_path: Path) -> None:
+    """Both daemons start on a queue of 2,000 deposits over 20 accounts, so nearly every batch either
+    one fetches holds commands of keys whose earlier commands the other one holds. Those wait in
+    place while the other decides them. Handed back instead, they made the commands behind them
+    wait in turn, and the queue went round and round."""
+    manifest = example_manifest(tmp_path, {})
+    with nats_server(tmp_path) as server:
+        args = ("--nats-url", server.url, "--log-level", "debug", "--roles", "aggregate")
+        async with client(server.url) as nc:
+            await ensure_all(nc.jetstream())
+            creates = {account: await send(nc, "bankaccount", create(account)) for account in BACKLOG_ACCOUNTS}
+            deposits: dict[str, list[int]] = {account: [] for account in BACKLOG_ACCOUNTS}
+            for round_ in range(BACKLOG_DEPOSITS):
+                sent = await asyncio.gather(*(send(nc, "bankaccount", deposit(account, round_ + 1))
+                                              for account in BACKLOG_ACCOUNTS))
+                for account, seq in zip(BACKLOG_ACCOUNTS, sent):
+                    deposits[account].append(seq)
+            started = time.monotonic()
+            daemons = [DaemonProcess(manifest, tmp_path / f"daemon{i}.log", *args) for i in range(2)]
+            try:
+                every = [seq for seqs in deposits.values() for seq in seqs]
+                outcomes = [await result(nc, seq, timeout=max(BACKLOG_SECONDS + started - time.monotonic(), 1))
+                            for seq in every]
+                took = time.monotonic() - started
+                consumer = await nc.jetstream().consumer_info("CC_COMMANDS", "AGG_CMD_bankaccount")
+                commands = len(creates) + len(every)
+                print(f"two daemons decided a backlog of {commands} commands in {took:.1f} s, "
+                      f"with {consumer.delivered.consumer_seq} deliveries")
+                assert all(outcome["status"] == "accepted" for outcome in outcomes)
+                # a command goes back only when what it waits for stops moving for a second
+                assert consumer.delivered.consumer_seq <= commands * HANDED_BACK_AT_MOST, \
+                    f"{consumer.delivered.consumer_seq} deliveries for {commands} commands"
+                for process in daemons:  # both took part
+                    assert any(e.get("event") == "command accepted" for e in process.logs()), process.log_path
+                for account in BACKLOG_ACCOUNTS:
+                    log = await read_all(nc, "CC_EVENTS", f"cc.events.*.bankaccount.{account}")
+                    causes = [int(m.headers[CAUSATION].split(":")[1]) for m in log]
+                    assert causes == [creates[account], *deposits[account]], account
+            finally:
+                for process in daemons:
+                    process.stop()
