@@ -43,8 +43,11 @@ EPOCH_TICK_SECONDS = 0.01
 # An aggregate's or process manager's call reaches no host function, so it is made on the event
 # loop itself, saving two thread switches (about 0.2 ms each) per call, as long as it takes at
 # most this many epoch ticks (20-30 ms); one that takes longer is stopped and made again on the
-# component's thread (the call is pure: making it again changes nothing), as are all its later calls.
+# component's thread (the call is pure: making it again changes nothing). If it used at least
+# INLINE_CPU_SECONDS of CPU meanwhile, so are all its later calls; if not, the process was
+# waiting for a core (a busy machine), and its later calls stay on the event loop.
 INLINE_TICKS = 3
+INLINE_CPU_SECONDS = 0.01
 PACKAGE = "concordance:eventsourcing"
 VERSION = "0.1.0"
 
@@ -305,13 +308,19 @@ class WasmtimeComponent:
                     self.stats.record(started, error, export)
 
         if self._inline and effects is None and self._store is not None:  # instantiating is slow: not here
+            cpu = time.thread_time()
             try:
                 return call(INLINE_TICKS)
             except _OverInlineDeadline:
-                self._inline = False
-                self._log.warning("component call took over the event loop's share; its calls are made on "
-                                  "the component's thread from now on", export=export,
-                                  most_ms=INLINE_TICKS * EPOCH_TICK_SECONDS * 1000)
+                used_ms = round((time.thread_time() - cpu) * 1000, 1)
+                if used_ms >= INLINE_CPU_SECONDS * 1000:
+                    self._inline = False
+                    self._log.warning("component call took over the event loop's share; its calls are made on "
+                                      "the component's thread from now on", export=export, cpu_ms=used_ms,
+                                      most_ms=INLINE_TICKS * EPOCH_TICK_SECONDS * 1000)
+                else:
+                    self._log.info("component call outlasted the event loop's share waiting for a CPU; made "
+                                   "again on the component's thread", export=export, cpu_ms=used_ms)
         return await asyncio.get_running_loop().run_in_executor(self._executor, call)
 
     async def handle_command(

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import structlog.testing
 
 from concordance_provider.links import Role
 from concordance_provider.runtime import ComponentFailed, RejectedByComponent
@@ -76,6 +77,26 @@ async def test_a_looping_aggregate_holds_the_event_loop_for_tens_of_milliseconds
         assert await _count(component) == 1
     finally:
         await component.close()
+
+
+async def test_a_call_that_waited_for_a_cpu_is_made_again_and_later_calls_stay_on_the_event_loop(looper_component):
+    """On a busy machine the process may wait for a core mid-call, past the event loop's share of
+    time though it used little CPU: that call is made again on the component's thread, and only a
+    call that used the CPU for that long moves the component's calls there for good."""
+    with structlog.testing.capture_logs() as logs:
+        component = _looper(looper_component, timeout_ms=1000)
+        await component.start()
+        try:
+            assert await _count(component) == 1
+            assert len(await component.handle_command("looper", "nap", "k", None, '{"seconds": 0.06}')) == 1
+            assert await _count(component) == 1
+            assert not [e for e in logs if "took over" in e["event"]], logs
+            assert [e for e in logs if "waiting for a CPU" in e["event"] and e["cpu_ms"] < 10], logs
+
+            assert len(await component.handle_command("looper", "busy", "k", None, '{"seconds": 0.06}')) == 1
+            assert [e for e in logs if "took over" in e["event"] and e["cpu_ms"] >= 10], logs
+        finally:
+            await component.close()
 
 
 @pytest.mark.parametrize("command", ["crash", "hog"])

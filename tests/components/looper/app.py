@@ -2,7 +2,8 @@
 
 Commands: `spin` loops forever; `crash` raises (a trap); `hog` allocates without bound;
 `count` emits `counted`; `unfoldable` emits an event its own fold refuses; `busy` works for
-{"seconds": n} first; `bad_type`, `bad_payload` and `wrong_stream` emit malformed events; `probe`
+{"seconds": n} first, and `nap` sleeps that long (time passes, no CPU is used, as when the
+process waits for a core); `bad_type`, `bad_payload` and `wrong_stream` emit malformed events; `probe`
 tries to reach outside its sandbox (read a file, connect a raw TCP socket to a numeric address,
 read the environment) and reports what happened in a `probed` event. State is {"count": n}.
 """
@@ -76,6 +77,9 @@ class WitWorld(wit_world.WitWorld):
             started = time.monotonic()
             while time.monotonic() - started < json.loads(command.payload)["seconds"]:
                 pass
+            return [Event(event_type="counted", stream="looper", payload="{}")]
+        if command.command_type == "nap":
+            time.sleep(json.loads(command.payload)["seconds"])
             return [Event(event_type="counted", stream="looper", payload="{}")]
         if command.command_type == "huge":
             return [Event(event_type="counted", stream="looper", payload=json.dumps({"blob": "x" * 2_000_000}))]
