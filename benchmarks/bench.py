@@ -69,6 +69,7 @@ from benchmarks.wire import (  # noqa: F401  (re-exported: benchmarks.lattice im
     deposit,
     deposit_plan,
     expected_balances,
+    logged_events,
     poll_until,
     publish_all,
     start_daemon,
@@ -506,6 +507,9 @@ def run(opts: Options) -> int:
             try:
                 print(asyncio.run(asyncio.wait_for(benchmark(server.url, daemon, opts, workdir),
                                                    opts.overall_timeout)))
+                # what the daemon said meanwhile (it logs warnings and errors only), to explain an outlier
+                said = ", ".join(f"{event!r} x{count}" for event, count in logged_events(daemon_log).most_common())
+                print(f"daemon warnings and errors during the run: {said or 'none'}")
                 return 0
             except (BenchFailed, asyncio.TimeoutError, nats.errors.Error) as exc:
                 reason = str(exc) or f"overall timeout of {opts.overall_timeout:.0f}s"

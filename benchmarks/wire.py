@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Awaitable, Callable, Iterable, Iterator
 
@@ -66,6 +67,21 @@ def tail(path: Path, lines: int = 20) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return ""
+
+
+def logged_events(path: Path) -> Counter[str]:
+    """How often each event was logged to ``path`` (JSON lines; other lines count as themselves)."""
+    counts: Counter[str] = Counter()
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return counts
+    for line in lines:
+        try:
+            counts[str(json.loads(line).get("event", line))] += 1
+        except (ValueError, AttributeError):
+            counts[line] += 1
+    return counts
 
 
 # -- messages --------------------------------------------------------------------------------------
