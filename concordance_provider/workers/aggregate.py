@@ -63,6 +63,7 @@ class AggregateWorker:
         self._results = results
         self._command_order = CommandQueue(interest.name)
         self._held = HeldCommands(on_unsettled=self._command_order.unsettled)
+        self._decided_elsewhere: set[int] = set()  # see _must_wait
         self._logger = log.bind(component=component.name, aggregate=interest.name)
         self._settle_command = Settler(self.command_consumer().durable, component.name, interest.max_deliveries,
                                        dead_letters, self._logger, on_dead=self._answer_dead_command)
@@ -80,9 +81,19 @@ class AggregateWorker:
 
     async def dispatch_commands(self, batch: list[Msg], stopping: asyncio.Event) -> None:
         """One fetched batch; the next may be dispatched beside it (``COMMAND_BATCHES_AT_ONCE``)."""
-        await dispatch_by_key(batch, _command_key, lambda m: self._settle_command(m, self.on_command), stopping,
-                              must_wait=self._command_order.must_wait,
-                              finished=self._command_order.finished, held=self._held)
+        try:
+            await dispatch_by_key(batch, _command_key, lambda m: self._settle_command(m, self.on_command), stopping,
+                                  must_wait=self._must_wait, finished=self._command_order.finished, held=self._held)
+        finally:
+            self._decided_elsewhere.difference_update(msg.metadata.sequence.stream for msg in batch)
+
+    async def _must_wait(self, batch: list[Msg], held: dict[int, str | None] | None = None
+                         ) -> dict[int, tuple[int, ...]]:
+        """The order check, noting the commands that wait for earlier ones of their key held by
+        another daemon: by their turn, the state kept here for that key is stale."""
+        waiting = await self._command_order.must_wait(batch, held)
+        self._decided_elsewhere.update(waiting)
+        return waiting
 
     async def dispatch_events(self, batch: list[Msg], stopping: asyncio.Event) -> None:
         await dispatch_by_key(batch, lambda m: m.subject.rsplit(".", 1)[-1],
@@ -113,6 +124,9 @@ class AggregateWorker:
             # so deciding it again could accept it now, after later commands of its key
             logger.info("command delivered again after its outcome was recorded; the outcome stands")
             return
+        if seq in self._decided_elsewhere:  # deciding on the state kept here would only meet a conflict
+            logger.debug("earlier commands of its key were decided elsewhere; its state is read afresh")
+            self.repository.forget(command.key)
         try:
             result = await self._processor.process(
                 Command(command, seq, meta.num_delivered > 1, meta.timestamp, traceparent))
