@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Callable
 
 import structlog
 import wasmtime
@@ -65,6 +65,14 @@ class ComponentLoadError(Exception):
 
 class _OverInlineDeadline(Exception):
     """A call on the event loop ran past ``INLINE_TICKS``: make it again on the component's thread."""
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
+    """``callback`` on ``loop``, from another thread; nothing if the loop has closed meanwhile."""
+    try:
+        loop.call_soon_threadsafe(callback)
+    except RuntimeError:
+        pass
 
 
 @dataclass(frozen=True)
@@ -141,6 +149,7 @@ class WasmtimeComponent:
         self._shared = SharedEngine.get()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"wasm-{name}")
         self._inline = role in (Role.AGGREGATE, Role.PROCESS_MANAGER)  # see INLINE_TICKS
+        self._in_thread = 0  # calls handed to the executor and not yet done: none inline meanwhile
         self._store: wasmtime.Store | None = None
         self._funcs: dict[str, Any] = {}
         self._calls: dict[str, Call] = {}  # each export's call, its WIT types reflected at instantiation
@@ -307,7 +316,8 @@ class WasmtimeComponent:
                 if started is not None:
                     self.stats.record(started, error, export)
 
-        if self._inline and effects is None and self._store is not None:  # instantiating is slow: not here
+        # instantiating is slow: not here; and never beside a call on the thread (one store, one call)
+        if self._inline and effects is None and self._store is not None and not self._in_thread:
             cpu = time.thread_time()
             try:
                 return call(INLINE_TICKS)
@@ -321,7 +331,17 @@ class WasmtimeComponent:
                 else:
                     self._log.info("component call outlasted the event loop's share waiting for a CPU; made "
                                    "again on the component's thread", export=export, cpu_ms=used_ms)
-        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+        loop = asyncio.get_running_loop()
+        if not self._inline:
+            return await loop.run_in_executor(self._executor, call)
+        # counted until the thread is done with it, even if the caller stops waiting first
+        self._in_thread += 1
+        on_thread = self._executor.submit(call)
+        on_thread.add_done_callback(lambda _: _call_soon(loop, self._thread_call_done))
+        return await asyncio.wrap_future(on_thread)
+
+    def _thread_call_done(self) -> None:
+        self._in_thread -= 1
 
     async def handle_command(
         self, aggregate: str, command_type: str, key: str, state: str | None, payload: str

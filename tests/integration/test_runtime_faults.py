@@ -8,6 +8,7 @@ import json
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -97,6 +98,41 @@ async def test_a_call_that_waited_for_a_cpu_is_made_again_and_later_calls_stay_o
             assert [e for e in logs if "took over" in e["event"] and e["cpu_ms"] >= 10], logs
         finally:
             await component.close()
+
+
+async def test_no_call_is_made_on_the_event_loop_while_one_runs_on_the_thread(looper_component):
+    """One instance, one call at a time: while a call made again on the component's thread runs,
+    the calls that come meanwhile wait for it instead of running on the event loop beside it."""
+    component = _looper(looper_component, timeout_ms=1000)
+    await component.start()
+    lock, running, most = threading.Lock(), [0], [0]
+    call = component._call
+
+    def counted(*args, **kwargs):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        try:
+            return call(*args, **kwargs)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    async def count_after(seconds: float) -> int:
+        await asyncio.sleep(seconds)
+        return await _count(component)
+
+    component._call = counted
+    try:
+        assert await _count(component) == 1
+        # the nap outlasts the event loop's share and is made again on the thread; counts come meanwhile
+        napped, *counted_ = await asyncio.gather(
+            component.handle_command("looper", "nap", "k", None, '{"seconds": 0.08}'),
+            *(count_after(0.02 * i) for i in range(1, 7)))
+        assert len(napped) == 1 and counted_ == [1] * 6
+        assert most[0] == 1, f"{most[0]} calls of one component ran at once"
+    finally:
+        await component.close()
 
 
 @pytest.mark.parametrize("command", ["crash", "hog"])
