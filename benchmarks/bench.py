@@ -46,6 +46,7 @@ import uuid
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
+from typing import Awaitable
 
 import nats
 from nats.aio.client import Client as NATS
@@ -495,6 +496,32 @@ async def benchmark(nats_url: str, daemon: subprocess.Popen[bytes], opts: Option
     return f"{text}\n\nplot: {path}"
 
 
+async def within(work: Awaitable[str], seconds: float) -> str:
+    """``work``'s result; after ``seconds``, where each of the run's tasks was waiting goes to stderr
+    (the run ends with asyncio.TimeoutError), so that a run that stalls shows where."""
+    task = asyncio.ensure_future(work)
+    done, _ = await asyncio.wait({task}, timeout=seconds)
+    if not done:
+        for other in asyncio.all_tasks():
+            if other is not asyncio.current_task():
+                print(f"task {other.get_name()} waits in:\n  " + "\n  ".join(awaiting(other)), file=sys.stderr)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise asyncio.TimeoutError
+    return task.result()
+
+
+def awaiting(task: asyncio.Task) -> list[str]:
+    """Where a suspended task is, outermost first: each coroutine it awaits, down to the last."""
+    where, coro = [], task.get_coro()
+    while coro is not None:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is not None:
+            where.append(f"{frame.f_code.co_name} ({frame.f_code.co_filename}:{frame.f_lineno})")
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    return where
+
+
 def run(opts: Options) -> int:
     with tempfile.TemporaryDirectory(prefix="concordance-bench-") as tmp:
         workdir = Path(tmp)
@@ -505,8 +532,7 @@ def run(opts: Options) -> int:
             server.start()
             daemon = start_daemon(server.url, daemon_log, *opts.daemon_options)
             try:
-                print(asyncio.run(asyncio.wait_for(benchmark(server.url, daemon, opts, workdir),
-                                                   opts.overall_timeout)))
+                print(asyncio.run(within(benchmark(server.url, daemon, opts, workdir), opts.overall_timeout)))
                 # what the daemon said meanwhile (it logs warnings and errors only), to explain an outlier
                 said = ", ".join(f"{event!r} x{count}" for event, count in logged_events(daemon_log).most_common())
                 print(f"daemon warnings and errors during the run: {said or 'none'}")
