@@ -10,10 +10,11 @@ What it measures, in one run against its own loopback nats-server and daemon:
 * 1 key: deposits on a single account, where the daemon must handle them one after another;
 * in flight: commands/s with 1 to 64 clients that each wait for their command's outcome;
 * low load: one command at a time, from the send until its outcome is in CC_RESULTS;
-* capacity: open-loop arrivals above the e2e rate, for as long as the 80 % run lasts; the outcomes
-         that came while they were sent, per second, are what the daemon sustains with the load
-         generator beside it on the same cores (the e2e rate drains a queue sent beforehand, with no
-         client running);
+* capacity: the highest rate the daemon sustains end to end with the load generator beside it on
+         the same cores (the e2e rate drains a queue sent beforehand, with no client running):
+         open-loop arrivals, each run as long as the 80 % run, first above the e2e rate, then from
+         what was decided there down in steps, until the outcomes and the projector's read model
+         both keep pace with the arrivals while they are sent;
 * 80 %:  open-loop arrivals at 0.8 x that capacity over many accounts, for a bounded time (and, for
          comparison, at 0.8 x the e2e rate);
 * history: one at a time on an account with a long history against a fresh one.
@@ -86,6 +87,11 @@ RAW_STREAM, RAW_SUBJECT = "BENCH_RAW", "bench.raw"
 DEFAULT_PLOT = ROOT / "benchmarks" / "results" / "bench.png"
 CATCH_UP_BOUND = 60.0  # seconds the projector is given to be current after the last command
 OVERLOAD = 1.3  # the capacity run's arrivals, times the e2e rate: more than the daemon can take
+# The capacity search: after that run, rates from what it decided then, down by STEP (at most STEPS
+# more runs), until the outcomes and the read model keep pace with the arrivals while they are sent:
+# at least DECIDED_PACE and PROJECTED_PACE of them, 0.1 s and 0.3 s behind at the end of a 10 s run
+# (the projector trails the log by 0.1-0.3 s even when it keeps up; a queue that grows, by more)
+CAPACITY_STEP, CAPACITY_STEPS, DECIDED_PACE, PROJECTED_PACE = 0.93, 4, 0.99, 0.97
 STARTED = time.monotonic()
 
 
@@ -144,13 +150,42 @@ class Side:
     notes: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Offered:
+    """An open loop at ``rate`` commands/s: per second while it was sending, the commands decided
+    and the events (one per deposit) the projector applied."""
+
+    rate: float
+    decided: float
+    projected: float
+
+    @property
+    def kept_pace(self) -> bool:
+        return self.decided >= DECIDED_PACE * self.rate and self.projected >= PROJECTED_PACE * self.rate
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """The steps of the search for the highest rate the daemon sustains end to end."""
+
+    steps: tuple[Offered, ...]
+
+    @property
+    def rate(self) -> float:
+        """The highest rate offered at which commands and the read model kept pace; if none did,
+        what the slower of the two did at the last."""
+        kept = [step.rate for step in self.steps if step.kept_pace]
+        last = self.steps[-1]
+        return max(kept) if kept else min(last.decided, last.projected)
+
+
 @dataclass
 class DaemonExtras:
     raw: Measurement
     multi: Measurement
     single: Measurement
     ready_s: float
-    capacity: float  # commands/s done while an open loop above multi's rate was sending
+    capacity: Capacity  # under an open loop above multi's rate
     loaded: load.LoadRun  # open loop at a fraction of capacity's rate
     loaded_on_drain: load.LoadRun  # open loop at that fraction of multi's rate
     lag_behind: int  # most events the projector trailed the log by during multi
@@ -159,7 +194,7 @@ class DaemonExtras:
 
     @property
     def loaded_rate(self) -> float:
-        return targets.LOAD_FRACTION * self.capacity
+        return targets.LOAD_FRACTION * self.capacity.rate
 
 
 # -- the daemon ------------------------------------------------------------------------------------
@@ -266,28 +301,50 @@ async def daemon_throughput(js: JetStreamContext, outcomes: Outcomes, lag: load.
 
 
 async def daemon_latency(js: JetStreamContext, outcomes: Outcomes, lag: load.ProjectorLag, opts: Options,
-                         tag: str, side: Side, drain_rate: float) -> tuple[float, load.LoadRun, load.LoadRun]:
-    """One command at a time; the capacity under an open loop (commands/s); then open-loop arrivals
-    at a fraction of it, and at that fraction of ``drain_rate``."""
+                         tag: str, side: Side, drain_rate: float) -> tuple[Capacity, load.LoadRun, load.LoadRun]:
+    """One command at a time; the capacity under an open loop; then open-loop arrivals at a fraction
+    of it, and at that fraction of ``drain_rate``."""
     progress(f"daemon: {opts.round_trips} commands one at a time")
     await open_accounts(js, outcomes, opts, [f"low-{tag}"])
     load.settle_heap()
     side.low_load = await load.one_at_a_time(js, outcomes, f"low-{tag}", opts.round_trips, opts.phase_timeout,
                                              "low load")
 
-    async def open_loop(rate: float, seconds: float, name: str) -> load.LoadRun:
+    async def accounts_for(name: str, rate: float, seconds: float) -> list[str]:
         keys = [f"{name.replace(' ', '-')}-{tag}-{i}" for i in range(opts.keys)]
         await open_accounts(js, outcomes, opts, keys)
         await lag.catch_up(time.perf_counter(), CATCH_UP_BOUND)  # the projector's backlog off the CPU first
         progress(f"daemon: open loop at {rate:.0f}/s for {seconds:.0f}s ({name})")
         load.settle_heap()
+        return keys
+
+    async def open_loop(rate: float, seconds: float, name: str) -> load.LoadRun:
+        keys = await accounts_for(name, rate, seconds)
         return await load.open_loop(js, outcomes, keys, rate, seconds, opts.phase_timeout, name)
 
-    # Over as long a run as the 80 % run it sets, so that both see the machine for as long: over 4 s
+    async def offered(rate: float, name: str) -> Offered:
+        keys = await accounts_for(name, rate, opts.load_seconds)
+        sending = asyncio.create_task(load.open_loop(js, outcomes, keys, rate, opts.load_seconds,
+                                                     opts.phase_timeout, name))
+        try:
+            projected = await lag.applied_per_second(opts.load_seconds)
+        except BaseException:
+            sending.cancel()
+            await asyncio.gather(sending, return_exceptions=True)
+            raise
+        return Offered(rate, load.done_within(await sending, rate, opts.load_seconds), projected)
+
+    # Each step as long as the 80 % run it sets, so that both see the machine for as long: over 4 s
     # it read higher (1,190-1,375/s against 1,097-1,246/s over 10 s, four runs each, alternating).
-    overload = await open_loop(OVERLOAD * drain_rate, opts.load_seconds, "capacity")
-    capacity = load.done_within(overload, OVERLOAD * drain_rate, opts.load_seconds)
-    loaded = await open_loop(targets.LOAD_FRACTION * capacity, opts.load_seconds, "loaded")
+    # Under overload the projectors (a nicer process) fall behind while the aggregates decide more
+    # than they sustain once the read model must keep up: the search finds the rate where both do.
+    steps = [await offered(OVERLOAD * drain_rate, "capacity")]
+    rate = max(steps[0].decided, 1.0)
+    while not steps[-1].kept_pace and len(steps) <= CAPACITY_STEPS:
+        steps.append(await offered(rate, f"capacity {len(steps)}"))
+        rate *= CAPACITY_STEP
+    capacity = Capacity(tuple(steps))
+    loaded = await open_loop(targets.LOAD_FRACTION * capacity.rate, opts.load_seconds, "loaded")
     loaded_on_drain = await open_loop(targets.LOAD_FRACTION * drain_rate, opts.load_seconds, "loaded on drain")
     return capacity, loaded, loaded_on_drain
 
@@ -429,10 +486,14 @@ def report(opts: Options, daemon: Side, peer_side: Side, x: DaemonExtras) -> str
         lines.append(f"  {side.name:<26}{ms(side.low_load, .5):>7.1f}{ms(side.low_load, .9):>7.1f}"
                      f"{ms(side.low_load, .99):>7.1f}")
     loaded = x.loaded
-    lines += ["", f"daemon capacity under an open loop: {OVERLOAD * x.multi.rate:.0f} commands/s arriving for "
-                  f"{opts.load_seconds:.0f}s ({OVERLOAD:.1f} x the {opts.keys}-key rate), {x.capacity:.0f}/s done "
-                  "meanwhile: the rate it sustains with the load generator beside it"]
-    for name, run, of in ((f"{targets.LOAD_FRACTION:.0%} of capacity", loaded, x.capacity),
+    lines += ["", f"daemon capacity: open loops for {opts.load_seconds:.0f}s each, first at {OVERLOAD:.1f} x the "
+                  f"{opts.keys}-key rate, then from what was decided there down by {CAPACITY_STEP} until the outcomes "
+                  f"and the read model kept pace ({DECIDED_PACE:.0%} and {PROJECTED_PACE:.0%} of the arrivals, per second "
+                  "while they were sent):"]
+    lines += [f"  {step.rate:6.0f}/s offered: {step.decided:6.0f}/s decided, {step.projected:6.0f} events/s into the "
+              f"read model{'  kept pace' if step.kept_pace else ''}" for step in x.capacity.steps]
+    lines.append(f"  capacity {x.capacity.rate:.0f}/s: what it sustains end to end with the load generator beside it")
+    for name, run, of in ((f"{targets.LOAD_FRACTION:.0%} of capacity", loaded, x.capacity.rate),
                           (f"{targets.LOAD_FRACTION:.0%} of the {opts.keys}-key rate", x.loaded_on_drain, x.multi.rate)):
         lines.append(f"daemon at {name} ({of:.0f}/s): {targets.LOAD_FRACTION * of:.0f} commands/s arriving "
                      f"(open loop) for {opts.load_seconds:.0f}s over {opts.keys} accounts, {run.count} commands: p50 "

@@ -170,6 +170,22 @@ class ProjectorLag:
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
 
+    async def applied_per_second(self, seconds: float, attempts: int = 5) -> float:
+        """Events the projector applies per second over the next ``seconds``: its checkpoint read
+        now and again once they have passed."""
+        first = await self._sample_within(attempts)
+        await asyncio.sleep(max(seconds - (time.perf_counter() - first.at), 0.0))
+        last = await self._sample_within(attempts)
+        return (last.applied - first.applied) / (last.at - first.at)
+
+    async def _sample_within(self, attempts: int) -> LagSample:
+        for _ in range(attempts - 1):
+            try:
+                return await self.sample()
+            except NatsTimeout:
+                continue  # a slow answer under load: ask again
+        return await self.sample()
+
     def max_behind(self, since: float, until: float) -> int:
         """The most events the projector trailed the log by, among samples taken in [since, until]."""
         return max((s.behind for s in self.samples if since <= s.at <= until), default=0)
