@@ -487,9 +487,9 @@ def report(opts: Options, daemon: Side, peer_side: Side, x: DaemonExtras) -> str
                      f"{ms(side.low_load, .99):>7.1f}")
     loaded = x.loaded
     lines += ["", f"daemon capacity: open loops for {opts.load_seconds:.0f}s each, first at {OVERLOAD:.1f} x the "
-                  f"{opts.keys}-key rate, then from what was decided there down by {CAPACITY_STEP} until the outcomes "
-                  f"and the read model kept pace ({DECIDED_PACE:.0%} and {PROJECTED_PACE:.0%} of the arrivals, per second "
-                  "while they were sent):"]
+                  f"{opts.keys}-key rate, then from what was decided there down by {CAPACITY_STEP} until the "
+                  f"outcomes and the read model kept pace ({DECIDED_PACE:.0%} and {PROJECTED_PACE:.0%} of the "
+                  "arrivals, per second while they were sent):"]
     lines += [f"  {step.rate:6.0f}/s offered: {step.decided:6.0f}/s decided, {step.projected:6.0f} events/s into the "
               f"read model{'  kept pace' if step.kept_pace else ''}" for step in x.capacity.steps]
     lines.append(f"  capacity {x.capacity.rate:.0f}/s: what it sustains end to end with the load generator beside it")
