@@ -30,6 +30,19 @@ LOCK_FILE = "concordance.lock"
 RESTART_BACKOFF_MAX = 5.0  # seconds between tries to restart a server that keeps failing
 
 
+def server_cpus() -> int:
+    """The cores the embedded server's Go runtime runs on at once (its ``GOMAXPROCS``): half of
+    those this process may use, at least one. The server shares the machine with the daemon's own
+    processes, and Go's idle processors spin looking for work before they sleep: on two cores, with
+    one, nats-server spent 16-20 % less CPU per command at 400 and 900 commands/s and the daemon's
+    capacity did not move. A ``GOMAXPROCS`` in the environment is used as it is."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // 2)
+
+
 class NatsServerError(Exception):
     pass
 
@@ -160,8 +173,9 @@ class EmbeddedNatsServer:
         ]
         # Own session: Ctrl-C reaches the daemon, which stops the server after its consumers.
         # Parent-death signal: a daemon killed with -9 does not leave its server behind.
+        environment = {"GOMAXPROCS": str(server_cpus()), **os.environ}
         self._process = subprocess.Popen(command, stdin=subprocess.DEVNULL, start_new_session=True,
-                                         preexec_fn=_terminate_with_parent)
+                                         preexec_fn=_terminate_with_parent, env=environment)
         # The server writes {executable}_{pid}.ports once it listens: proof that it is this one.
         ports_files = f"*_{self._process.pid}.ports"
         deadline = time.monotonic() + timeout

@@ -219,6 +219,29 @@ def test_two_embedded_servers_never_share_a_state_directory(tmp_path):
         second.stop()
 
 
+def _environment_of(pid: int) -> dict[str, str]:
+    entries = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(entry.decode().split("=", 1) for entry in entries if b"=" in entry)
+
+
+@pytest.mark.parametrize("given", [None, "2"])
+def test_the_embedded_server_runs_on_half_the_cores_unless_told_otherwise(tmp_path, monkeypatch, given):
+    """Go's idle processors spin for work: the server gets half the cores (at least one) beside the
+    daemon's own processes; a GOMAXPROCS in the environment wins."""
+    if given is None:
+        monkeypatch.delenv("GOMAXPROCS", raising=False)
+    else:
+        monkeypatch.setenv("GOMAXPROCS", given)
+    server = EmbeddedNatsServer(tmp_path / "state", free_port())
+    server.start()
+    try:
+        assert server._process is not None
+        expected = given or str(max(1, len(os.sched_getaffinity(0)) // 2))
+        assert _environment_of(server._process.pid).get("GOMAXPROCS") == expected
+    finally:
+        server.stop()
+
+
 def test_a_server_that_cannot_bind_is_not_taken_for_the_one_that_answers(tmp_path):
     """Something else answering on the port is never taken for this daemon's own server."""
     with socket.socket() as squatter:
